@@ -115,8 +115,10 @@ def warmup_cosine_schedule(
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         warm = step / max(warmup_steps, 1)
-        progress = (step - warmup_steps) / (total_steps - warmup_steps)
-        q = 0.5 * (1.0 + jnp.cos(math.pi * progress))
+        # (1 + cos(pi s / S)) / 2 == sin^2(pi (S - s) / (2 S)): exact in float32 near the end,
+        # where the cosine form loses ~1e-5 of the final LR to rounding.
+        remaining = (total_steps - step) / (total_steps - warmup_steps)
+        q = jnp.square(jnp.sin(0.5 * math.pi * remaining))
         cosine = q + end_factor * (1.0 - q)
         return peak_value * jnp.where(step < warmup_steps, warm, cosine)
 

@@ -74,7 +74,10 @@ def barlow_twins(
     *,
     width: float = 1.0,
     cifar_stem: bool = False,
+    stage_sizes=None,
     dtype=jnp.float32,
 ) -> BarlowTwins:
-    backbone = resnet(arch, width=width, cifar_stem=cifar_stem, dtype=dtype)
+    backbone = resnet(
+        arch, width=width, cifar_stem=cifar_stem, stage_sizes=stage_sizes, dtype=dtype
+    )
     return BarlowTwins(backbone=backbone, projector=Projector(parse_projector(projector), dtype))

@@ -129,7 +129,7 @@ class ResNet(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return int(64 * self.width) * 8 * EXPANSION[self.block]
+        return int(64 * self.width) * 2 ** (len(self.stage_sizes) - 1) * EXPANSION[self.block]
 
     @nn.compact
     def __call__(self, x, train: bool = True):
@@ -156,9 +156,24 @@ class ResNet(nn.Module):
         return jnp.mean(x, axis=(1, 2))  # global average pool
 
 
-def resnet(arch: str, *, width: float = 1.0, cifar_stem: bool = False, dtype=jnp.float32):
-    """ResNet by torchvision name: resnet18, resnet34, resnet50, resnet101, resnet152."""
+def resnet(
+    arch: str,
+    *,
+    width: float = 1.0,
+    cifar_stem: bool = False,
+    stage_sizes: Sequence[int] | None = None,
+    dtype=jnp.float32,
+):
+    """ResNet by torchvision name: resnet18, resnet34, resnet50, resnet101, resnet152.
+
+    `stage_sizes` overrides the blocks per stage (e.g. (1, 1) for a two-stage toy model in
+    tests and smoke runs); the result is then no longer the torchvision architecture.
+    """
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHS)}")
     block, stages = ARCHS[arch]
+    if stage_sizes:
+        if len(stage_sizes) > 4 or min(stage_sizes) < 1:
+            raise ValueError(f"stage_sizes must hold 1 to 4 positive counts; got {stage_sizes}")
+        stages = tuple(stage_sizes)
     return ResNet(block=block, stage_sizes=stages, width=width, cifar_stem=cifar_stem, dtype=dtype)
