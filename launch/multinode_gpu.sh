@@ -190,6 +190,10 @@ if ((${#env_words[@]})); then
 fi
 echo "[multinode_gpu] node $node_rank/$num_nodes: $(qjoin "${cmd[@]}")" >&2
 
+# The process ignores SIGHUP: a hang-up reaches the whole process group, and only this
+# script should act on it (by asking for a checkpoint). SIGINT is ignored by background
+# processes of scripts anyway.
+trap '' HUP
 "${cmd[@]}" &
 child=$!
 # shellcheck disable=SC2329  # invoked by the traps below

@@ -502,29 +502,30 @@ exit 9
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_multinode_forwards_signals_as_sigterm(tmp_path, sig):
+@pytest.mark.parametrize(
+    "sig, to_group",
+    [
+        (signal.SIGTERM, False),  # kill -TERM <launcher>
+        (signal.SIGINT, True),  # Ctrl-C: the terminal signals the whole process group
+        (signal.SIGHUP, True),  # hang-up (closed ssh -tt session): the whole group too
+    ],
+)
+def test_multinode_forwards_signals_as_sigterm(tmp_path, sig, to_group):
     fake = write_script(tmp_path / "python", FAKE_PYTHON)
     proc = subprocess.Popen(
-        [
-            "bash",
-            MULTINODE,
-            "--coordinator=h:1",
-            "--num_nodes=2",
-            "--node_rank=1",
-            "--workdir=/w",
-            f"--python={fake}",
-        ],
-        cwd=ROOT,
-        env=clean_env(FAKE_DIR=str(tmp_path)),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+        ["bash", MULTINODE, "--coordinator=h:1", "--num_nodes=2", "--node_rank=1",
+         "--workdir=/w", f"--python={fake}"],
+        cwd=ROOT, env=clean_env(FAKE_DIR=str(tmp_path)), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
     wait_for_file(tmp_path / "started", proc)
-    proc.send_signal(sig)
+    if to_group:
+        os.killpg(proc.pid, sig)
+    else:
+        proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
+    # the training process got exactly one SIGTERM and was not killed by the group signal
     assert (tmp_path / "got").read_text() == "SIGTERM\n"
     assert (tmp_path / "args").read_text().split()[-3:] == [
         "--coordinator_address=h:1",
