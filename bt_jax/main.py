@@ -1,0 +1,73 @@
+"""Entry point: `python -m bt_jax.main --config=configs/imagenet.py --workdir=DIR`.
+
+Starts jax.distributed when the run spans several processes (automatic on Cloud TPU and
+SLURM; --coordinator_address/--num_processes/--process_id or BT_JAX_* variables otherwise),
+hides accelerators from TensorFlow (it only feeds data), and runs the job the config names.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, e.g. configs/imagenet.py; override with --config.a.b=v."
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs off SLURM/TPU."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show tracebacks of configuration errors.")
+
+# job name in the config -> module with run(config, workdir)
+JOBS = {
+    "pretrain": "bt_jax.pretrain",
+    "knn": "bt_jax.knn_job",
+    "linear_eval": "bt_jax.linear_eval",
+    "semi_supervised": "bt_jax.semi_supervised",
+    "transfer": "bt_jax.transfer",
+}
+
+
+def _hide_accelerators_from_tensorflow() -> None:
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")  # else TF grabs GPU memory JAX needs
+
+
+def run(config, workdir: str):
+    if config.job not in JOBS:
+        raise ValueError(f"unknown job {config.job!r}; choose one of {sorted(JOBS)}")
+    job = importlib.import_module(JOBS[config.job])
+    return job.run(config, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from bt_jax import distributed  # jax is imported only now, after absl parsed XLA flags
+
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    _hide_accelerators_from_tensorflow()
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py")
+    logging.info("config:\n%s", config)
+    try:
+        run(config, _WORKDIR.value)
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        if _TRACEBACK.value:
+            raise
+        print(f"bt_jax: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

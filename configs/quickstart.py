@@ -1,0 +1,64 @@
+r"""Quickstart: Barlow Twins end to end in minutes on a laptop CPU, on the embedded dataset.
+
+A ResNet-18 at 1/4 width with the CIFAR stem, projector 512-512-512, trained for 10
+epochs on cifar10_jpeg_mini (5,000 CIFAR-10 training images shipped inside the package,
+no download), then kNN-evaluated (k=200) on its 1,000 test images. Optimizer: the CIFAR
+(solo-learn) LARS settings, which learn much faster than the ImageNet ones at this scale.
+
+Command (from the repository root):
+
+  python -m bt_jax.main --config=configs/quickstart.py --workdir=/tmp/bt_quickstart
+
+Expected: the loss falls from ~500 to ~230 in 10 epochs (390 steps), and the final
+line reports a kNN top-1 of about 36 % (10 classes; a randomly initialised backbone
+scores about 27 % under the same protocol). About 4 minutes on 2 CPU cores.
+
+`--config=configs/quickstart.py:smoke` is a toy variant (two-stage 1/8-width ResNet, 16
+px) used by the tests for end-to-end, multi-process and resume checks in seconds.
+"""
+
+from bt_jax.data.config import cifar_views, data_config
+from bt_jax.defaults import pretrain_config
+
+
+def get_config(variant: str = ""):
+    config = pretrain_config()
+
+    config.model.arch = "resnet18"
+    config.model.cifar_stem = True
+    config.model.width = 0.25
+    config.model.projector = "512-512-512"
+    config.model.dtype = "float32"  # bf16 convolutions are slow on CPUs
+
+    config.loss.scale = 0.1
+    config.optim.lr_weights = 0.3
+    config.optim.lr_biases = 0.3
+    config.optim.weight_decay = 1e-4
+    config.optim.eta = 0.02
+    config.optim.clip_lr = True
+    config.optim.warmup_epochs = 1
+
+    config.train.global_batch = 128
+    config.train.epochs = 10
+    config.train.log_every_steps = 20
+    config.train.checkpoint_every_steps = 100
+
+    config.data = data_config("cifar10_jpeg_mini")
+    config.augment = cifar_views(32)
+    config.knn.image_size = 32
+    config.knn.at_end = True
+
+    if variant == "smoke":
+        config.model.width = 0.125
+        config.model.stage_sizes = (1, 1)
+        config.model.projector = "64-64"
+        config.augment = cifar_views(16)
+        config.knn.image_size = 16
+        config.train.global_batch = 32
+        config.train.epochs = 2
+        config.train.log_every_steps = 1
+        config.train.checkpoint_every_steps = 2
+        config.knn.at_end = False
+    elif variant:
+        raise ValueError(f"unknown quickstart variant {variant!r}; the only one is 'smoke'")
+    return config

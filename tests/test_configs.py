@@ -1,0 +1,76 @@
+"""The shipped configs against DESIGN.md section 1, value by value."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_imagenet_recipe():
+    c = load_config("imagenet")
+    assert c.job == "pretrain"
+    # Model
+    assert (c.model.arch, c.model.width, c.model.cifar_stem) == ("resnet50", 1.0, False)
+    assert tuple(c.model.stage_sizes) == ()
+    assert c.model.projector == "8192-8192-8192"
+    # Loss
+    assert c.loss.lambd == 0.0051 and c.loss.scale == 1.0
+    # Optimizer and schedule
+    o = c.optim
+    assert (o.name, o.lr_weights, o.lr_biases) == ("lars", 0.2, 0.0048)
+    assert (o.weight_decay, o.momentum, o.eta) == (1.5e-6, 0.9, 1e-3)
+    assert (o.warmup_epochs, o.end_factor, o.clip_lr) == (10, 0.001, False)
+    assert o.reference_world_size == 16  # the official README run's 16 GPUs
+    assert (c.train.global_batch, c.train.epochs) == (2048, 1000)
+    # Data and augmentations (BYOL parameters)
+    assert c.data.dataset == "imagenet2012"
+    assert (c.data.train_split, c.data.eval_split) == ("train", "validation")
+    for view, blur, solarize in [(c.augment.view1, 1.0, 0.0), (c.augment.view2, 0.1, 0.2)]:
+        assert view.image_size == 224
+        assert tuple(view.crop_area) == (0.08, 1.0)
+        assert tuple(view.crop_aspect) == pytest.approx((3 / 4, 4 / 3))
+        assert view.resize_method == "bicubic"
+        assert view.flip_prob == 0.5
+        assert view.jitter_prob == 0.8
+        assert (view.brightness, view.contrast, view.saturation, view.hue) == (0.4, 0.4, 0.2, 0.1)
+        assert view.grayscale_prob == 0.2
+        assert view.blur_prob == blur
+        assert tuple(view.blur_sigma) == (0.1, 2.0)
+        assert view.blur_kernel_size == 23
+        assert view.solarize_prob == solarize
+    # kNN monitor protocol
+    assert (c.knn.k, c.knn.temperature) == (200, 0.1)
+
+
+def test_cifar10_recipe():
+    c = load_config("cifar10")
+    assert (c.model.arch, c.model.cifar_stem, c.model.projector) == (
+        "resnet18", True, "2048-2048-2048",
+    )
+    o = c.optim
+    assert (o.lr_weights, o.lr_biases, o.weight_decay, o.eta, o.clip_lr) == (
+        0.3, 0.3, 1e-4, 0.02, True,
+    )
+    assert (c.loss.lambd, c.loss.scale) == (0.0051, 0.1)
+    assert c.train.global_batch == 256 and c.train.epochs == 1000
+    assert c.data.dataset == "cifar10"
+    for view in (c.augment.view1, c.augment.view2):
+        assert view.image_size == 32 and view.blur_prob == 0.0
+    assert c.augment.view2.solarize_prob == 0.2
+
+
+@pytest.mark.parametrize("name", ["imagenet", "cifar10", "quickstart"])
+def test_docstring_gives_command_and_expected_result(name):
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    doc = open(path).read()
+    assert f"python -m bt_jax.main --config=configs/{name}.py" in doc
+    assert "Expected" in doc

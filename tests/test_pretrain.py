@@ -1,0 +1,184 @@
+"""The pretraining job end to end, as real processes: devices, hosts, resume, failures.
+
+All runs use configs/quickstart.py:smoke on the embedded dataset with the train split cut
+into 2 streams (data.num_streams=2), so 1 process and 2 processes read the same global
+batches. A persistent compilation cache shared by the runs keeps the suite fast; it does
+not change what is computed (the cached executable is the one that would be compiled).
+"""
+
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from e2e import (
+    ROOT,
+    cpu_env,
+    final_params,
+    main_command,
+    max_abs_diff,
+    read_metrics,
+    run_main,
+    run_multiprocess,
+)
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+COMMON = (
+    "--config.data.num_streams=2",
+    "--config.train.checkpoint_every_steps=2",
+    "--config.train.keep_checkpoints=20",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jax_cache")
+    saved = {k: os.environ.get(k) for k in ("JAX_COMPILATION_CACHE_DIR",
+                                            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 12-step run on 1 process x 8 devices."""
+    workdir = tmp_path_factory.mktemp("reference")
+    result = run_main(workdir, *COMMON, f"--config.train.stop_after_steps={STEPS}")
+    return workdir, result
+
+
+def test_reference_run_reports_progress_and_metrics(reference):
+    workdir, result = reference
+    rows = read_metrics(workdir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for key in ("loss", "invariance", "redundancy", "lr_weights", "lr_biases", "images_per_s",
+                "images_per_s_per_device", "step_time_s"):
+        assert all(np.isfinite(r[key]) for r in rows), key
+    first = rows[0]
+    assert first["loss"] == pytest.approx(first["invariance"] + 0.0051 * first["redundancy"],
+                                          rel=1e-5)
+    assert first["lr_weights"] == 0.0  # warm-up starts at 0, as the official schedule
+    assert "ETA" in result.stdout and "[pretrain] step 12/12" in result.stdout
+    assert os.path.isdir(os.path.join(workdir, "tensorboard"))
+    _, meta, step = final_params(workdir)
+    assert step == STEPS and meta["data"]["next_step"] == STEPS
+    assert meta["config"]["model"]["projector"] == "64-64"
+
+
+def test_one_device_gives_the_eight_device_loss_curve(reference, tmp_path):
+    workdir, _ = reference
+    run_main(tmp_path, *COMMON, "--config.train.stop_after_steps=5", devices=1)
+    one = [r["loss"] for r in read_metrics(tmp_path)]
+    eight = [r["loss"] for r in read_metrics(workdir)][:5]
+    assert len(one) == 5
+    np.testing.assert_allclose(one, eight, rtol=1e-5)
+
+
+def test_two_processes_equal_one_process(reference, tmp_path):
+    workdir, _ = reference
+    result = run_multiprocess(tmp_path, *COMMON, "--config.train.stop_after_steps=6")
+    assert "[p0]" in result.stdout and "2 process(es), 8 devices" in result.stdout
+    ours, _, step = final_params(tmp_path)
+    ref, _, _ = final_params(workdir, step=6)
+    assert step == 6
+    assert max_abs_diff(ours, ref) <= 1e-5
+
+
+def _start(workdir, *overrides):
+    return subprocess.Popen(
+        main_command(workdir, *COMMON, *overrides),
+        cwd=ROOT, env=cpu_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for_step(proc, workdir, step, timeout=300):
+    deadline = time.time() + timeout
+    path = os.path.join(workdir, "metrics.jsonl")
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()}")
+        if os.path.exists(path) and len(open(path).readlines()) >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the run")
+
+
+def test_sigkill_then_restart_reaches_the_same_parameters(reference, tmp_path):
+    workdir, _ = reference
+    kill_at = int(np.random.default_rng().integers(1, STEPS - 2))
+    slow = ("--config.train.debug_step_delay_s=0.3",)  # room to kill mid-run
+    proc = _start(tmp_path, f"--config.train.stop_after_steps={STEPS}", *slow)
+    _wait_for_step(proc, tmp_path, kill_at)
+    proc.kill()
+    proc.wait()
+    killed_at = len(read_metrics(tmp_path))
+    assert killed_at < STEPS, "the run finished before it could be killed"
+    run_main(tmp_path, *COMMON, f"--config.train.stop_after_steps={STEPS}")
+    ours, _, step = final_params(tmp_path)
+    ref, _, _ = final_params(workdir)
+    assert step == STEPS
+    # Bit-identical on CPU: same executable, same inputs (the pipeline is a function of the
+    # step), and the checkpoint stores the exact float32 state.
+    assert max_abs_diff(ours, ref) == 0.0, f"killed after step {killed_at}"
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes(reference, tmp_path):
+    workdir, _ = reference
+    proc = _start(tmp_path, f"--config.train.stop_after_steps={STEPS}",
+                  "--config.train.checkpoint_every_steps=1000",
+                  "--config.train.debug_step_delay_s=0.3")
+    _wait_for_step(proc, tmp_path, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "preemption signal: checkpoint of step" in out
+    _, _, saved = final_params(tmp_path)
+    assert 3 <= saved < STEPS
+    run_main(tmp_path, *COMMON, f"--config.train.stop_after_steps={STEPS}",
+             "--config.train.checkpoint_every_steps=1000")
+    ours, _, step = final_params(tmp_path)
+    assert step == STEPS
+    assert max_abs_diff(ours, final_params(workdir)[0]) == 0.0
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = run_main(tmp_path, *COMMON, f"--config.train.stop_after_steps={STEPS}",
+                      "--config.train.debug_nan_at_step=3", check=False)
+    assert result.returncode != 0
+    assert "loss became non-finite at step 3" in result.stderr
+    params, _, step = final_params(tmp_path)
+    assert step == 2
+    assert all(np.isfinite(x).all() for x in __import__("jax").tree.leaves(params))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (("--config.train.global_batch=30",), "not divisible by the 8 devices"),
+        (("--config.data.dataset=no_such_dataset",), "no_such_dataset"),
+        (("--config.train.bogus_key=1",), "bogus_key"),
+    ],
+)
+def test_bad_input_fails_with_one_clear_line(tmp_path, overrides, message):
+    result = run_main(tmp_path, *overrides, check=False, timeout=120)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_workdir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    result = run_main(blocker / "sub", check=False, timeout=120)
+    assert result.returncode != 0
+    assert "not writable" in result.stderr and "Traceback" not in result.stderr
