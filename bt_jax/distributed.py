@@ -9,6 +9,9 @@ jax.Array without any host-to-host copy.
 from __future__ import annotations
 
 import collections
+import contextlib
+import glob
+import importlib.util
 import itertools
 import os
 from collections.abc import Iterable, Iterator
@@ -63,7 +66,7 @@ def initialize(
             process_id=process_id,
             local_device_ids=local_device_ids,
         )
-    elif any(v in os.environ for v in _CLUSTER_ENV):
+    elif any(v in os.environ for v in _CLUSTER_ENV) or _on_cloud_tpu_vm():
         jax.distributed.initialize()
     if jax.process_count() > 1:
         logging.info(
@@ -73,6 +76,21 @@ def initialize(
             jax.local_device_count(),
             jax.device_count(),
         )
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """A TPU VM created with gcloud sets no variable; its chips show on the PCI bus.
+
+    jax.distributed.initialize() then reads the slice from the metadata server (and, even
+    on one host, starts the preemption service that turns SIGTERM into a sync point).
+    """
+    if importlib.util.find_spec("libtpu") is None:
+        return False
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        with contextlib.suppress(OSError), open(vendor) as f:
+            if f.read().strip() == "0x1ae0":  # Google
+                return True
+    return False
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

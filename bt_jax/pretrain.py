@@ -230,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {"step": start}
 
     device_batches = distributed.prefetch_to_mesh(batches, mesh, config.train.device_prefetch)
-    writer = reporting.MetricWriter(workdir)
+    writer = reporting.MetricWriter(workdir, resume_step=start)
     watch = PreemptionWatch()
     step_fn = functools.partial(
         train_step,

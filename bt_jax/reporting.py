@@ -31,31 +31,44 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricWriter:
-    """Appends {"step": s, "tag": ..., **scalars} to workdir/metrics.jsonl and TensorBoard."""
+    """Appends {"step": s, "tag": ..., **scalars} to workdir/metrics.jsonl and TensorBoard.
 
-    def __init__(self, workdir: str, enabled: bool | None = None):
+    Paths go through tf.io.gfile, so a gs:// workdir works. Object stores cannot append, so
+    the file is rewritten whole at each write (a few MB over a full ImageNet run).
+    """
+
+    def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._jsonl = None
-        self._tb = None
-        if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
-            from clu import metric_writers  # TF-backed; imported only where it writes
+        if not self.enabled:
+            return
+        import tensorflow as tf  # the input pipeline's dependency; gfile speaks gs://
+        from clu import metric_writers
 
-            self._tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._gfile = tf.io.gfile
+        self._path = os.path.join(workdir, "metrics.jsonl")
+        self._gfile.makedirs(workdir)
+        self._lines = []
+        if self._gfile.exists(self._path):  # a resumed run continues the same file...
+            with self._gfile.GFile(self._path) as f:
+                self._lines = f.read().splitlines()
+            if resume_step is not None:  # ...without the rows of steps it will redo
+                self._lines = [ln for ln in self._lines if json.loads(ln)["step"] <= resume_step]
+        self._tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict, tag: str = "train") -> None:
         if not self.enabled:
             return
         clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
-        self._jsonl.write(json.dumps({"step": int(step), "tag": tag, **clean}) + "\n")
-        self._jsonl.flush()  # a crash loses nothing already reported
+        self._lines.append(json.dumps({"step": int(step), "tag": tag, **clean}))
+        tmp = self._path + ".tmp"
+        with self._gfile.GFile(tmp, "w") as f:  # write, then rename: never a torn file
+            f.write("\n".join(self._lines) + "\n")
+        self._gfile.rename(tmp, self._path, overwrite=True)
         self._tb.write_scalars(int(step), {f"{tag}/{k}": v for k, v in clean.items()})
         self._tb.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self._jsonl.close()
             self._tb.close()
 
 
