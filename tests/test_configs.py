@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import pathlib
 
 import pytest
 
@@ -54,11 +55,17 @@ def test_imagenet_recipe():
 def test_cifar10_recipe():
     c = load_config("cifar10")
     assert (c.model.arch, c.model.cifar_stem, c.model.projector) == (
-        "resnet18", True, "2048-2048-2048",
+        "resnet18",
+        True,
+        "2048-2048-2048",
     )
     o = c.optim
     assert (o.lr_weights, o.lr_biases, o.weight_decay, o.eta, o.clip_lr) == (
-        0.3, 0.3, 1e-4, 0.02, True,
+        0.3,
+        0.3,
+        1e-4,
+        0.02,
+        True,
     )
     assert (c.loss.lambd, c.loss.scale) == (0.0051, 0.1)
     assert c.train.global_batch == 256 and c.train.epochs == 1000
@@ -71,6 +78,6 @@ def test_cifar10_recipe():
 @pytest.mark.parametrize("name", ["imagenet", "cifar10", "quickstart"])
 def test_docstring_gives_command_and_expected_result(name):
     path = os.path.join(ROOT, "configs", f"{name}.py")
-    doc = open(path).read()
+    doc = pathlib.Path(path).read_text()
     assert f"python -m bt_jax.main --config=configs/{name}.py" in doc
     assert "Expected" in doc

@@ -7,6 +7,7 @@ not change what is computed (the cached executable is the one that would be comp
 """
 
 import os
+import pathlib
 import signal
 import subprocess
 import time
@@ -37,8 +38,10 @@ COMMON = (
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("jax_cache")
-    saved = {k: os.environ.get(k) for k in ("JAX_COMPILATION_CACHE_DIR",
-                                            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    }
     os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     yield
@@ -61,12 +64,21 @@ def test_reference_run_reports_progress_and_metrics(reference):
     workdir, result = reference
     rows = read_metrics(workdir)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
-    for key in ("loss", "invariance", "redundancy", "lr_weights", "lr_biases", "images_per_s",
-                "images_per_s_per_device", "step_time_s"):
+    for key in (
+        "loss",
+        "invariance",
+        "redundancy",
+        "lr_weights",
+        "lr_biases",
+        "images_per_s",
+        "images_per_s_per_device",
+        "step_time_s",
+    ):
         assert all(np.isfinite(r[key]) for r in rows), key
     first = rows[0]
-    assert first["loss"] == pytest.approx(first["invariance"] + 0.0051 * first["redundancy"],
-                                          rel=1e-5)
+    assert first["loss"] == pytest.approx(
+        first["invariance"] + 0.0051 * first["redundancy"], rel=1e-5
+    )
     assert first["lr_weights"] == 0.0  # warm-up starts at 0, as the official schedule
     assert "ETA" in result.stdout and "[pretrain] step 12/12" in result.stdout
     assert os.path.isdir(os.path.join(workdir, "tensorboard"))
@@ -97,7 +109,11 @@ def test_two_processes_equal_one_process(reference, tmp_path):
 def _start(workdir, *overrides):
     return subprocess.Popen(
         main_command(workdir, *COMMON, *overrides),
-        cwd=ROOT, env=cpu_env(8), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=cpu_env(8),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -107,7 +123,7 @@ def _wait_for_step(proc, workdir, step, timeout=300):
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"run ended early: {proc.communicate()}")
-        if os.path.exists(path) and len(open(path).readlines()) >= step:
+        if os.path.exists(path) and len(pathlib.Path(path).read_text().splitlines()) >= step:
             return
         time.sleep(0.05)
     raise AssertionError("timed out waiting for the run")
@@ -134,9 +150,12 @@ def test_sigkill_then_restart_reaches_the_same_parameters(reference, tmp_path):
 
 def test_sigterm_checkpoints_exits_zero_and_resumes(reference, tmp_path):
     workdir, _ = reference
-    proc = _start(tmp_path, f"--config.train.stop_after_steps={STEPS}",
-                  "--config.train.checkpoint_every_steps=1000",
-                  "--config.train.debug_step_delay_s=0.3")
+    proc = _start(
+        tmp_path,
+        f"--config.train.stop_after_steps={STEPS}",
+        "--config.train.checkpoint_every_steps=1000",
+        "--config.train.debug_step_delay_s=0.3",
+    )
     _wait_for_step(proc, tmp_path, 3)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -144,16 +163,25 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(reference, tmp_path):
     assert "preemption signal: checkpoint of step" in out
     _, _, saved = final_params(tmp_path)
     assert 3 <= saved < STEPS
-    run_main(tmp_path, *COMMON, f"--config.train.stop_after_steps={STEPS}",
-             "--config.train.checkpoint_every_steps=1000")
+    run_main(
+        tmp_path,
+        *COMMON,
+        f"--config.train.stop_after_steps={STEPS}",
+        "--config.train.checkpoint_every_steps=1000",
+    )
     ours, _, step = final_params(tmp_path)
     assert step == STEPS
     assert max_abs_diff(ours, final_params(workdir)[0]) == 0.0
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    result = run_main(tmp_path, *COMMON, f"--config.train.stop_after_steps={STEPS}",
-                      "--config.train.debug_nan_at_step=3", check=False)
+    result = run_main(
+        tmp_path,
+        *COMMON,
+        f"--config.train.stop_after_steps={STEPS}",
+        "--config.train.debug_nan_at_step=3",
+        check=False,
+    )
     assert result.returncode != 0
     assert "loss became non-finite at step 3" in result.stderr
     params, _, step = final_params(tmp_path)

@@ -1,6 +1,7 @@
 """The tree is ruff-clean (lint and format), and the README's test command is what CI runs."""
 
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -20,8 +21,8 @@ def test_ruff(args):
 
 
 def test_ci_runs_the_readme_test_command():
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    readme = pathlib.Path(ROOT, "README.md").read_text()
+    ci = pathlib.Path(ROOT, ".ci", "run").read_text()
     commands = re.findall(r"```(?:bash|sh)\n(.*?)```", readme, flags=re.S)
     test_lines = [
         line.strip() for block in commands for line in block.splitlines() if "pytest" in line
