@@ -1,0 +1,409 @@
+"""Host-local batches for pretraining and evaluation, identical on any number of processes.
+
+Streams. The train split is cut into S contiguous parts ("streams"); process p of P reads the
+streams s with s % P == p. Each stream shuffles its part once per epoch with a seed made of
+(seed, stream, epoch) and yields mini-batches of global_batch / S examples; a process's batch
+is its streams' k-th mini-batches concatenated (streams in ascending order). Every example's
+augmentation is drawn from stateless ops keyed by (seed, stream, epoch, position in the
+epoch). So the global batch at step k is the same set of examples with the same views for any
+P dividing S, and resuming at `start_step` skips the consumed raw records without decoding.
+
+Undecodable images are dropped after the decode (tf.data ignore_errors) and counted; they
+shift the batches of their stream, so exact reproducibility holds for clean data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from bt_jax.data import augment, source
+from bt_jax.data.config import linear_eval_view
+
+try:  # The input pipeline must never grab accelerator memory.
+    tf.config.set_visible_devices([], "GPU")
+except RuntimeError:  # already initialised by the caller; it made its own choice
+    pass
+
+_AUTOTUNE = tf.data.AUTOTUNE
+_do_not_convert = tf.autograph.experimental.do_not_convert  # plain TF ops: no autograph
+
+
+def _processes(process_index, process_count) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} is not in [0, process_count={count})")
+    return index, count
+
+
+def _options(threads: int) -> tf.data.Options:
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1  # parallelism across examples, not ops
+    if threads:
+        options.threading.private_threadpool_size = threads
+    return options
+
+
+def _fold(key, *values) -> tf.Tensor:
+    """A [2] int64 stateless-RNG key derived from `key` (or an int seed) and the values."""
+    if isinstance(key, int):
+        key = tf.constant([0, key], tf.int64)
+    for value in values:
+        key = tf.random.experimental.stateless_fold_in(key, tf.cast(value, tf.int64))
+    return key
+
+
+def _int_seed(key) -> tf.Tensor:
+    """A scalar int64 seed (for Dataset.shuffle) from a [2] key."""
+    return tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
+
+
+class _Streams:
+    """The split cut into S contiguous streams; this process's ones, batched and zipped."""
+
+    def __init__(self, data_cfg, split, *, global_batch, process_index, process_count):
+        self.cfg = data_cfg
+        self.builder = source.open_builder(data_cfg.dataset, data_cfg.data_dir)
+        self.slices = source.file_slices(self.builder, split)
+        self.num_examples = source.num_records(self.slices)
+        num = data_cfg.num_streams or process_count
+        if num % process_count:
+            raise ValueError(
+                f"num_streams={num} must be a multiple of the process count {process_count} "
+                f"(each process reads num_streams / process_count streams); use e.g. "
+                f"{process_count * max(1, round(num / process_count))} or 0 (= process count)"
+            )
+        if global_batch % num:
+            raise ValueError(
+                f"global_batch={global_batch} must be divisible by num_streams={num} "
+                "(each stream yields global_batch / num_streams examples per step)"
+            )
+        self.num_streams, self.mini_batch = num, global_batch // num
+        self.bounds = source.even_bounds(self.num_examples, num)
+        sizes = np.diff(self.bounds)
+        self.steps_per_epoch = int(sizes.min()) // self.mini_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"split {split!r} of {data_cfg.dataset} has {self.num_examples} examples: too "
+                f"few for one step of {global_batch} ({num} streams of >= {self.mini_batch})"
+            )
+        self.mine = [s for s in range(num) if s % process_count == process_index]
+
+    def _raw_epoch(self, stream: int, records, seed, epoch) -> tf.data.Dataset:
+        """One epoch of a stream's raw records, shuffled with the (seed, stream, epoch) key."""
+        key = _fold(seed, stream, epoch)
+        if records is not None:  # in memory: a full permutation of the stream
+            size = tf.shape(records["image"], out_type=tf.int64)[0]
+            order = tf.random.experimental.stateless_shuffle(tf.range(size), _fold(key, 1))
+            return tf.data.Dataset.from_tensor_slices(order).map(
+                _do_not_convert(lambda i: {k: tf.gather(v, i) for k, v in records.items()})
+            )
+        slices = source.cut(self.slices, self.bounds[stream], self.bounds[stream + 1])
+        order = tf.random.experimental.stateless_shuffle(tf.range(len(slices)), _fold(key, 2))
+        buffer = max(1, self.cfg.shuffle_buffer // len(self.mine))
+        raw = source.read_slices(slices, order=order, cycle_length=self.cfg.file_cycle_length)
+        return raw.shuffle(buffer, seed=_int_seed(_fold(key, 3))).map(self.parse)
+
+    def dataset(
+        self,
+        example_fn: Callable,
+        *,
+        seed: int,
+        start_step: int,
+        with_label: bool,
+        epochs: int | None = None,
+    ) -> tf.data.Dataset:
+        """Zipped per-process batches of example_fn(record, key) -> dict, plus "skipped".
+
+        "skipped" (int32 per example) counts the undecodable records dropped just before it.
+        """
+        self.parse = source.record_parser(self.builder, with_label)
+        per_epoch = self.steps_per_epoch * self.mini_batch
+        start_epoch, start_offset = divmod(start_step, self.steps_per_epoch)
+        start_offset *= self.mini_batch
+        last_epoch = 2**62 if epochs is None else epochs
+
+        def stream_dataset(stream: int) -> tf.data.Dataset:
+            records = None
+            if self.cfg.cache:
+                stream_slices = source.cut(
+                    self.slices, self.bounds[stream], self.bounds[stream + 1]
+                )
+                records = source.load_in_memory(stream_slices, self.parse)
+
+            @_do_not_convert
+            def epoch_records(epoch):
+                # Drop the epoch's remainder and, on resume, the consumed records: undecoded.
+                raw = self._raw_epoch(stream, records, seed, epoch).take(per_epoch).enumerate()
+                first = tf.where(epoch == start_epoch, tf.constant(start_offset, tf.int64), 0)
+                return raw.skip(first).map(lambda i, r: (epoch, i, r))
+
+            @_do_not_convert
+            def make_example(epoch, position, record):
+                out = example_fn(record, _fold(seed, stream, epoch, position))
+                out["index"] = epoch * per_epoch + position  # raw-record index since epoch 0
+                return out
+
+            @_do_not_convert
+            def count_skipped(last_index, example):
+                index = example.pop("index")
+                example["skipped"] = tf.cast(index - last_index - 1, tf.int32)
+                return index, example
+
+            epochs_ds = tf.data.Dataset.range(start_epoch, last_epoch)
+            return (
+                epochs_ds.flat_map(epoch_records)
+                .map(make_example, num_parallel_calls=_AUTOTUNE, deterministic=True)
+                .ignore_errors()
+                .scan(
+                    tf.constant(start_epoch * per_epoch + start_offset - 1, tf.int64), count_skipped
+                )
+                .batch(self.mini_batch, drop_remainder=True)
+            )
+
+        streams = tuple(stream_dataset(s) for s in self.mine)
+        zipped = tf.data.Dataset.zip(streams).map(
+            _do_not_convert(
+                lambda *parts: tf.nest.map_structure(lambda *x: tf.concat(x, 0), *parts)
+            )
+        )
+        if epochs is not None:
+            zipped = zipped.take(epochs * self.steps_per_epoch - start_step)
+        return zipped.prefetch(self.cfg.prefetch).with_options(_options(self.cfg.threads))
+
+
+class _SkipCounter:
+    """Sums the "skipped" counts of batches and logs them every `every` batches."""
+
+    def __init__(self, every: int, what: str):
+        self.total, self.every, self.what, self._batches, self._logged = 0, every, what, 0, 0
+
+    def __call__(self, batch: dict) -> dict:
+        self.total += int(batch.pop("skipped").sum())
+        self._batches += 1
+        if self.total > self._logged and (self._batches % self.every == 0):
+            self.log()
+        return batch
+
+    def log(self) -> None:
+        if self.total > self._logged:
+            logging.warning("%s: skipped %d undecodable images so far", self.what, self.total)
+            self._logged = self.total
+
+
+class PretrainBatches:
+    """Iterable of host-local {"view1", "view2"} uint8 batches, forever (see the module doc).
+
+    Attributes: steps_per_epoch, num_streams, local_streams (this process's), num_examples
+    (of the split), local_batch, num_skipped (undecodable images skipped so far).
+    """
+
+    def __init__(
+        self, streams: _Streams, views_cfg, *, seed: int, start_step: int, local_batch: int
+    ):
+        self.steps_per_epoch = streams.steps_per_epoch
+        self.num_streams, self.local_streams = streams.num_streams, streams.mine
+        self.num_examples, self.local_batch = streams.num_examples, local_batch
+
+        def example_fn(record, key):
+            view1, view2 = augment.two_views(record["image"], key, views_cfg)
+            return {"view1": view1, "view2": view2}
+
+        self.dataset = streams.dataset(
+            example_fn, seed=seed, start_step=start_step, with_label=False
+        )
+        self._skips = _SkipCounter(streams.cfg.log_skipped_every, f"pretrain {streams.cfg.dataset}")
+
+    @property
+    def num_skipped(self) -> int:
+        return self._skips.total
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for batch in self.dataset.as_numpy_iterator():
+            yield self._skips(batch)
+
+
+def pretrain_batches(
+    data_cfg,
+    views_cfg,
+    *,
+    global_batch: int,
+    seed: int,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> PretrainBatches:
+    """Two augmented views per image, host-local batches of global_batch / process_count.
+
+    data_cfg: `config.data_config(...)`; views_cfg: `imagenet_views()` / `cifar_views()`.
+    Yields {"view1": uint8[B, H, W, 3], "view2": uint8[B, H, W, 3]} forever; the batch at step
+    k (counting from 0, over epochs of `.steps_per_epoch`) depends only on the dataset, seed,
+    num_streams and k. start_step resumes at step start_step exactly. process_index /
+    process_count default to jax's; pass them to simulate processes.
+    """
+    index, count = _processes(process_index, process_count)
+    if global_batch % count:
+        raise ValueError(f"global_batch={global_batch} is not divisible by {count} processes")
+    streams = _Streams(
+        data_cfg,
+        data_cfg.train_split,
+        global_batch=global_batch,
+        process_index=index,
+        process_count=count,
+    )
+    return PretrainBatches(
+        streams, views_cfg, seed=seed, start_step=start_step, local_batch=global_batch // count
+    )
+
+
+class EvalBatches:
+    """Iterable of host-local {"image": uint8, "label": int32, "mask": bool} batches.
+
+    num_batches: batches per pass (per epoch with train_augment), the same on every process;
+    num_examples: examples of the split (a pass covers each exactly once without
+    train_augment); num_classes: of the ClassLabel; num_skipped: undecodable images.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        *,
+        num_batches,
+        num_examples,
+        num_classes,
+        local_examples,
+        what,
+        log_every,
+        padded: bool,
+    ):
+        self.dataset, self.num_batches = dataset, num_batches
+        self.num_examples, self.num_classes = num_examples, num_classes
+        self._local_examples, self._padded = local_examples, padded
+        self._skips = _SkipCounter(log_every, what)
+
+    @property
+    def num_skipped(self) -> int:
+        return self._skips.total
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if not self._padded:
+            for batch in self.dataset.as_numpy_iterator():
+                yield self._skips(batch)
+            return
+        kept = 0
+        for batch in self.dataset.as_numpy_iterator():
+            kept += int(batch["mask"].sum())
+            yield batch
+        self._skips.total += self._local_examples - kept  # this pass's undecodable images
+        self._skips.log()
+
+
+def eval_batches(
+    data_cfg,
+    split: str,
+    *,
+    global_batch: int,
+    image_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    train_augment: bool = False,
+    seed: int = 0,
+    epochs: int | None = None,
+    start_step: int = 0,
+) -> EvalBatches:
+    """Labelled batches for kNN, linear evaluation and transfer.
+
+    Without train_augment: one pass over `split` in stored order, each process reading a
+    contiguous part; eval preprocessing (center crop data_cfg.eval_crop_fraction of the shorter
+    side, resized to image_size: 224 from 256 at 0.875); the last batches are padded with
+    mask=False so that every process yields num_batches batches.
+    With train_augment: the linear-eval training preprocessing (RandomResizedCrop with
+    data_cfg.linear_crop_area, bilinear, + flip), shuffled per epoch through the same streams
+    as pretraining (data_cfg.num_streams), full batches only (mask all True), `epochs` epochs
+    of num_batches steps (None: forever); start_step resumes.
+    Raises ValueError if the dataset has no ClassLabel "label".
+    """
+    index, count = _processes(process_index, process_count)
+    if global_batch % count:
+        raise ValueError(f"global_batch={global_batch} is not divisible by {count} processes")
+    local_batch = global_batch // count
+    what = f"{'train-augmented ' if train_augment else ''}eval {data_cfg.dataset}[{split}]"
+
+    if train_augment:
+        streams = _Streams(
+            data_cfg, split, global_batch=global_batch, process_index=index, process_count=count
+        )
+        classes = source.num_classes(streams.builder)
+        view = linear_eval_view(image_size, data_cfg.linear_crop_area)
+
+        def example_fn(record, key):
+            image = augment.random_view(record["image"], key, view)
+            return {"image": image, "label": record["label"], "mask": tf.constant(True)}
+
+        dataset = streams.dataset(
+            example_fn, seed=seed, start_step=start_step, with_label=True, epochs=epochs
+        )
+        return EvalBatches(
+            dataset,
+            num_batches=streams.steps_per_epoch,
+            num_examples=streams.num_examples,
+            num_classes=classes,
+            local_examples=None,
+            what=what,
+            log_every=data_cfg.log_skipped_every,
+            padded=False,
+        )
+
+    builder = source.open_builder(data_cfg.dataset, data_cfg.data_dir)
+    classes = source.num_classes(builder)
+    slices = source.file_slices(builder, split)
+    total = source.num_records(slices)
+    bounds = source.even_bounds(total, count)
+    largest = max(np.diff(bounds)) if total else 0
+    num_batches = math.ceil(largest / local_batch)
+    mine = source.cut(slices, bounds[index], bounds[index + 1])
+    crop_fraction = data_cfg.eval_crop_fraction
+
+    @_do_not_convert
+    def preprocess(record):
+        image = augment.eval_view(record["image"], image_size, crop_fraction)
+        return {"image": image, "label": record["label"], "mask": tf.constant(True)}
+
+    pad = {
+        "image": tf.zeros([image_size, image_size, 3], tf.uint8),
+        "label": tf.constant(0, tf.int32),
+        "mask": tf.constant(False),
+    }
+    raw = source.read_slices(mine, cycle_length=1) if mine else None
+    if raw is None:
+        examples = tf.data.Dataset.from_tensors(pad).take(0)
+    else:
+        raw = raw.map(source.record_parser(builder, True), num_parallel_calls=_AUTOTUNE)
+        if data_cfg.cache:
+            raw = raw.cache()
+        examples = raw.map(preprocess, num_parallel_calls=_AUTOTUNE, deterministic=True)
+    dataset = (
+        examples.ignore_errors()
+        .concatenate(tf.data.Dataset.from_tensors(pad).repeat())  # pad (and replace skipped)
+        .take(num_batches * local_batch)
+        .batch(local_batch)
+        .prefetch(data_cfg.prefetch)
+        .with_options(_options(data_cfg.threads))
+    )
+    return EvalBatches(
+        dataset,
+        num_batches=num_batches,
+        num_examples=total,
+        num_classes=classes,
+        local_examples=bounds[index + 1] - bounds[index],
+        what=what,
+        log_every=data_cfg.log_skipped_every,
+        padded=True,
+    )
