@@ -14,6 +14,7 @@ shift the batches of their stream, so exact reproducibility holds for clean data
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterator
 
@@ -25,10 +26,10 @@ from absl import logging
 from bt_jax.data import augment, source
 from bt_jax.data.config import linear_eval_view
 
-try:  # The input pipeline must never grab accelerator memory.
+# The input pipeline must never grab accelerator memory. (If TF was initialised already, the
+# caller made its own choice: RuntimeError.)
+with contextlib.suppress(RuntimeError):
     tf.config.set_visible_devices([], "GPU")
-except RuntimeError:  # already initialised by the caller; it made its own choice
-    pass
 
 _AUTOTUNE = tf.data.AUTOTUNE
 _do_not_convert = tf.autograph.experimental.do_not_convert  # plain TF ops: no autograph
@@ -118,13 +119,14 @@ class _Streams:
         seed: int,
         start_step: int,
         with_label: bool,
+        with_ids: bool = False,
         epochs: int | None = None,
     ) -> tf.data.Dataset:
-        """Zipped per-process batches of example_fn(record, key) -> dict, plus "skipped".
-
-        "skipped" (int32 per example) counts the undecodable records dropped just before it.
+        """Zipped per-process batches of example_fn(record, key) -> dict, plus "skipped"
+        (int32 per example: the undecodable records dropped just before it) and, with_ids,
+        the examples' "id" feature.
         """
-        self.parse = source.record_parser(self.builder, with_label)
+        self.parse = source.record_parser(self.builder, with_label, with_ids)
         per_epoch = self.steps_per_epoch * self.mini_batch
         start_epoch, start_offset = divmod(start_step, self.steps_per_epoch)
         start_offset *= self.mini_batch
@@ -148,6 +150,8 @@ class _Streams:
             @_do_not_convert
             def make_example(epoch, position, record):
                 out = example_fn(record, _fold(seed, stream, epoch, position))
+                if with_ids:
+                    out["id"] = record["id"]
                 out["index"] = epoch * per_epoch + position  # raw-record index since epoch 0
                 return out
 
@@ -206,7 +210,14 @@ class PretrainBatches:
     """
 
     def __init__(
-        self, streams: _Streams, views_cfg, *, seed: int, start_step: int, local_batch: int
+        self,
+        streams: _Streams,
+        views_cfg,
+        *,
+        seed: int,
+        start_step: int,
+        local_batch: int,
+        with_ids: bool,
     ):
         self.steps_per_epoch = streams.steps_per_epoch
         self.num_streams, self.local_streams = streams.num_streams, streams.mine
@@ -217,7 +228,7 @@ class PretrainBatches:
             return {"view1": view1, "view2": view2}
 
         self.dataset = streams.dataset(
-            example_fn, seed=seed, start_step=start_step, with_label=False
+            example_fn, seed=seed, start_step=start_step, with_label=False, with_ids=with_ids
         )
         self._skips = _SkipCounter(streams.cfg.log_skipped_every, f"pretrain {streams.cfg.dataset}")
 
@@ -239,6 +250,7 @@ def pretrain_batches(
     start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    with_ids: bool = False,
 ) -> PretrainBatches:
     """Two augmented views per image, host-local batches of global_batch / process_count.
 
@@ -246,7 +258,8 @@ def pretrain_batches(
     Yields {"view1": uint8[B, H, W, 3], "view2": uint8[B, H, W, 3]} forever; the batch at step
     k (counting from 0, over epochs of `.steps_per_epoch`) depends only on the dataset, seed,
     num_streams and k. start_step resumes at step start_step exactly. process_index /
-    process_count default to jax's; pass them to simulate processes.
+    process_count default to jax's; pass them to simulate processes. with_ids adds the
+    examples' TFDS "id" feature (bytes[B]), for debugging and tests.
     """
     index, count = _processes(process_index, process_count)
     if global_batch % count:
@@ -259,7 +272,12 @@ def pretrain_batches(
         process_count=count,
     )
     return PretrainBatches(
-        streams, views_cfg, seed=seed, start_step=start_step, local_batch=global_batch // count
+        streams,
+        views_cfg,
+        seed=seed,
+        start_step=start_step,
+        local_batch=global_batch // count,
+        with_ids=with_ids,
     )
 
 
@@ -317,6 +335,7 @@ def eval_batches(
     seed: int = 0,
     epochs: int | None = None,
     start_step: int = 0,
+    with_ids: bool = False,
 ) -> EvalBatches:
     """Labelled batches for kNN, linear evaluation and transfer.
 
@@ -328,7 +347,8 @@ def eval_batches(
     data_cfg.linear_crop_area, bilinear, + flip), shuffled per epoch through the same streams
     as pretraining (data_cfg.num_streams), full batches only (mask all True), `epochs` epochs
     of num_batches steps (None: forever); start_step resumes.
-    Raises ValueError if the dataset has no ClassLabel "label".
+    with_ids adds the TFDS "id" feature (b"" for padding). Raises ValueError if the dataset
+    has no ClassLabel "label".
     """
     index, count = _processes(process_index, process_count)
     if global_batch % count:
@@ -348,7 +368,12 @@ def eval_batches(
             return {"image": image, "label": record["label"], "mask": tf.constant(True)}
 
         dataset = streams.dataset(
-            example_fn, seed=seed, start_step=start_step, with_label=True, epochs=epochs
+            example_fn,
+            seed=seed,
+            start_step=start_step,
+            with_label=True,
+            with_ids=with_ids,
+            epochs=epochs,
         )
         return EvalBatches(
             dataset,
@@ -374,18 +399,24 @@ def eval_batches(
     @_do_not_convert
     def preprocess(record):
         image = augment.eval_view(record["image"], image_size, crop_fraction)
-        return {"image": image, "label": record["label"], "mask": tf.constant(True)}
+        out = {"image": image, "label": record["label"], "mask": tf.constant(True)}
+        if with_ids:
+            out["id"] = record["id"]
+        return out
 
     pad = {
         "image": tf.zeros([image_size, image_size, 3], tf.uint8),
         "label": tf.constant(0, tf.int32),
         "mask": tf.constant(False),
     }
+    if with_ids:
+        pad["id"] = tf.constant(b"")
     raw = source.read_slices(mine, cycle_length=1) if mine else None
     if raw is None:
         examples = tf.data.Dataset.from_tensors(pad).take(0)
     else:
-        raw = raw.map(source.record_parser(builder, True), num_parallel_calls=_AUTOTUNE)
+        parse = source.record_parser(builder, True, with_ids)
+        raw = raw.map(parse, num_parallel_calls=_AUTOTUNE)
         if data_cfg.cache:
             raw = raw.cache()
         examples = raw.map(preprocess, num_parallel_calls=_AUTOTUNE, deterministic=True)

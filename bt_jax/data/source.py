@@ -132,8 +132,8 @@ def num_classes(builder) -> int:
     return builder.info.features["label"].num_classes
 
 
-def record_parser(builder, with_label: bool):
-    """serialized example -> {"image": encoded bytes[, "label": int32]}."""
+def record_parser(builder, with_label: bool, with_id: bool = False):
+    """serialized example -> {"image": encoded bytes[, "label": int32][, "id": string]}."""
     features = builder.info.features
     if "image" not in features:
         raise ValueError(
@@ -142,6 +142,8 @@ def record_parser(builder, with_label: bool):
         )
     if with_label:
         num_classes(builder)  # raises a clear error without labels
+    if with_id and "id" not in features:
+        raise ValueError(f"dataset {builder.info.full_name} has no 'id' feature")
     decoders = {"image": tfds.decode.SkipDecoding()}
 
     def parse(serialized):
@@ -149,6 +151,8 @@ def record_parser(builder, with_label: bool):
         out = {"image": example["image"]}
         if with_label:
             out["label"] = tf.cast(example["label"], tf.int32)
+        if with_id:
+            out["id"] = example["id"]
         return out
 
     return parse
