@@ -369,3 +369,16 @@ def test_shared_sets_load(shared_tfds_dir):
         process_count=1,
     )
     assert e.num_classes == 101 and next(iter(e))["image"].shape == (8, 224, 224, 3)
+
+
+def test_device_pixel_ops_batches():
+    views = cifar_views(16, pixel_ops="device")
+    batches = pretrain_batches(data_config(MINI), views, global_batch=8, seed=0, process_count=1)
+    batch = next(iter(batches))
+    assert set(batch) == {"view1", "view2", "view1_ops", "view2_ops"}
+    assert batch["view1_ops"].shape == (8, 13) and batch["view1_ops"].dtype == np.float32
+    from bt_jax.data.device_ops import finish_views
+
+    view1, view2 = jax.jit(lambda b: finish_views(b, views))(batch)
+    assert view1.shape == (8, 16, 16, 3) and view1.dtype == np.float32
+    assert np.isfinite(np.asarray(view2)).all()

@@ -261,13 +261,32 @@ def sample_view_params(seed, height, width, view) -> dict[str, tf.Tensor]:
     return params
 
 
-def augment_pixels(image, params, view) -> tf.Tensor:
-    """Flip, jitter, grayscale, blur, solarize on a float32 [size, size, 3] image in [0, 1]."""
+# The per-view draws the device needs to finish a view (pixel_ops="device"), packed in this
+# order into float32[13]: flags as 0/1, jitter_order as 4 floats.
+DEVICE_PARAMS = (
+    "jitter", "brightness", "contrast", "saturation", "hue", "jitter_order",
+    "grayscale", "blur", "blur_sigma", "solarize",
+)  # fmt: skip
+
+
+def pack_device_params(params) -> tf.Tensor:
+    """float32[13]: the draws of DEVICE_PARAMS, for `bt_jax.data.device_ops`."""
+    parts = [tf.reshape(tf.cast(params[k], tf.float32), [-1]) for k in DEVICE_PARAMS]
+    return tf.concat(parts, 0)
+
+
+def augment_pixels(image, params, view, *, flip_only: bool = False) -> tf.Tensor:
+    """Flip, jitter, grayscale, blur, solarize on a float32 [size, size, 3] image in [0, 1].
+
+    flip_only: stop after the flip (the rest runs on the device, `bt_jax.data.device_ops`).
+    """
 
     def maybe(flag, fn, x):
         return tf.cond(flag, lambda: fn(x), lambda: x)
 
     image = maybe(params["flip"], tf.image.flip_left_right, image)
+    if flip_only:
+        return image
     if view.jitter_prob > 0:
         image = maybe(params["jitter"], lambda x: color_jitter(x, params), image)
     if view.grayscale_prob > 0:
@@ -284,10 +303,10 @@ def _crop_window(params) -> tf.Tensor:
     return tf.stack([params["crop_y"], params["crop_x"], params["crop_h"], params["crop_w"]])
 
 
-def finish_view(crop, params, view) -> tf.Tensor:
+def finish_view(crop, params, view, *, flip_only: bool = False) -> tf.Tensor:
     """uint8 crop -> resize + pixel ops -> uint8 [view.image_size, view.image_size, 3]."""
     image = _resize(crop, view.image_size, view.resize_method, view.antialias)
-    return to_uint8(augment_pixels(image, params, view))
+    return to_uint8(augment_pixels(image, params, view, flip_only=flip_only))
 
 
 def apply_view(image_bytes, params, view) -> tf.Tensor:
@@ -301,21 +320,27 @@ def random_view(image_bytes, seed, view) -> tf.Tensor:
     return apply_view(image_bytes, sample_view_params(seed, hw[0], hw[1], view), view)
 
 
-def two_views(image_bytes, seed, views) -> tuple[tf.Tensor, tf.Tensor]:
-    """The pretraining pair: views.view1 and views.view2 of one image, from one seed.
+def two_views(image_bytes, seed, views) -> dict[str, tf.Tensor]:
+    """The pretraining pair {"view1", "view2"} (uint8) of one image, from one seed.
 
     The image is decoded once and both crops are cut from it: two fused crop-decodes cost
-    more than one full decode on ImageNet-sized JPEGs (docs/benchmarks.md).
+    more than one full decode on ImageNet-sized JPEGs (docs/benchmarks.md). With
+    views.pixel_ops == "device" the views are only cropped, resized and flipped, and
+    "view1_ops" / "view2_ops" (pack_device_params) carry the rest to the device.
     """
+    on_device = views.get("pixel_ops", "host") == "device"
     image = decode_rgb(image_bytes)
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     seed1, seed2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    out = []
-    for view_seed, view in ((seed1, views.view1), (seed2, views.view2)):
-        params = sample_view_params(view_seed, height, width, view)
+    out = {}
+    for name, view_seed in (("view1", seed1), ("view2", seed2)):
+        params = sample_view_params(view_seed, height, width, views[name])
         y, x, h, w = tf.unstack(_crop_window(params))
-        out.append(finish_view(image[y : y + h, x : x + w], params, view))
-    return out[0], out[1]
+        crop = image[y : y + h, x : x + w]
+        out[name] = finish_view(crop, params, views[name], flip_only=on_device)
+        if on_device:
+            out[f"{name}_ops"] = pack_device_params(params)
+    return out
 
 
 def eval_view(image_bytes, image_size: int, crop_fraction: float = 0.875) -> tf.Tensor:

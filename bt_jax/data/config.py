@@ -102,22 +102,30 @@ def view_config(image_size: int = 224, **overrides) -> ml_collections.ConfigDict
     return cfg
 
 
-def imagenet_views(image_size: int = 224) -> ml_collections.ConfigDict:
-    """The asymmetric pair: view 1 always blurred, never solarized; view 2 rarely / sometimes."""
+def imagenet_views(image_size: int = 224, pixel_ops: str = "host") -> ml_collections.ConfigDict:
+    """The asymmetric pair: view 1 always blurred, never solarized; view 2 rarely / sometimes.
+
+    pixel_ops: "host" = the pipeline delivers finished views (normalize() them on the
+    device); "device" = the host only decodes, crops, resizes and flips, and the train step
+    finishes the views with `bt_jax.data.device_ops.finish_views` (jitter, grayscale, blur,
+    solarize, normalise on the accelerator: ~3x less host CPU per image, docs/benchmarks.md).
+    """
     return ml_collections.ConfigDict(
         dict(
             view1=view_config(image_size, blur_prob=1.0, solarize_prob=0.0),
             view2=view_config(image_size, blur_prob=0.1, solarize_prob=0.2),
+            pixel_ops=pixel_ops,
         )
     )
 
 
-def cifar_views(image_size: int = 32) -> ml_collections.ConfigDict:
-    """The CIFAR preset: as ImageNet's but 32 px and no blur."""
+def cifar_views(image_size: int = 32, pixel_ops: str = "host") -> ml_collections.ConfigDict:
+    """The CIFAR preset: as ImageNet's but 32 px and no blur (pixel_ops: see imagenet_views)."""
     return ml_collections.ConfigDict(
         dict(
             view1=view_config(image_size, blur_prob=0.0, solarize_prob=0.0),
             view2=view_config(image_size, blur_prob=0.0, solarize_prob=0.2),
+            pixel_ops=pixel_ops,
         )
     )
 

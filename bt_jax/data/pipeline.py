@@ -224,8 +224,7 @@ class PretrainBatches:
         self.num_examples, self.local_batch = streams.num_examples, local_batch
 
         def example_fn(record, key):
-            view1, view2 = augment.two_views(record["image"], key, views_cfg)
-            return {"view1": view1, "view2": view2}
+            return augment.two_views(record["image"], key, views_cfg)
 
         self.dataset = streams.dataset(
             example_fn, seed=seed, start_step=start_step, with_label=False, with_ids=with_ids
