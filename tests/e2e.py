@@ -54,7 +54,11 @@ def run_multiprocess(workdir, *overrides, processes=2, devices_per_process=4, ti
         *overrides,
     ]
     result = subprocess.run(
-        cmd, cwd=ROOT, env=cpu_env(devices_per_process), capture_output=True, text=True,
+        cmd,
+        cwd=ROOT,
+        env=cpu_env(devices_per_process),
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
     if result.returncode != 0:
