@@ -15,8 +15,9 @@ from bt_jax.data.config import (
     linear_eval_view,
     view_config,
 )
+from bt_jax.data.evaluation import EvalBatches, eval_batches
 from bt_jax.data.normalize import IMAGENET_MEAN, IMAGENET_STD, normalize
-from bt_jax.data.pipeline import EvalBatches, PretrainBatches, eval_batches, pretrain_batches
+from bt_jax.data.pipeline import PretrainBatches, pretrain_batches
 
 __all__ = [
     "EMBEDDED_DATA_DIR",

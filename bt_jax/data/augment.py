@@ -6,10 +6,13 @@ A view is computed in two steps so that its randomness can be inspected and test
     image = apply_view(image_bytes, params, view)             # uint8 [size, size, 3]
 
 `view` is one of the ConfigDicts of `bt_jax.data.config.imagenet_views()` (`.view1`/`.view2`).
-The order of operations follows the official transforms: RandomResizedCrop (fused with the
-JPEG decode), horizontal flip, colour jitter (random order) with probability jitter_prob,
-grayscale, Gaussian blur (separable), solarize. Pixel ops work on float32 in [0, 1] at the
-output size; the result is rounded to uint8 (normalisation happens on the device).
+The order of operations follows the official transforms: RandomResizedCrop, horizontal flip,
+colour jitter (random order) with probability jitter_prob, grayscale, Gaussian blur
+(separable), solarize. Single views decode only their crop window (fused decode-and-crop for
+JPEGs); the pretraining pair (`two_views`) decodes the image once and cuts both crops from it.
+Pixel ops work on float32 in [0, 1] at the output size; the result is rounded to uint8
+(normalisation happens on the device). With pixel_ops="device" the pair stops after the flip
+and `bt_jax.data.device_ops` does the rest in the train step.
 
 All randomness comes from stateless ops keyed by `seed` (a [2] int tensor), so a view depends
 only on the seed and the image, never on thread scheduling or on the number of processes.

@@ -1,4 +1,4 @@
-"""Host-local batches for pretraining and evaluation, identical on any number of processes.
+"""Host-local pretraining batches, identical on any number of processes.
 
 Streams. The train split is cut into S contiguous parts ("streams"); process p of P reads the
 streams s with s % P == p. Each stream shuffles its part once per epoch with a seed made of
@@ -15,7 +15,6 @@ shift the batches of their stream, so exact reproducibility holds for clean data
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterator
 
 import jax
@@ -24,7 +23,6 @@ import tensorflow as tf
 from absl import logging
 
 from bt_jax.data import augment, source
-from bt_jax.data.config import linear_eval_view
 
 # The input pipeline must never grab accelerator memory. (If TF was initialised already, the
 # caller made its own choice: RuntimeError.)
@@ -35,7 +33,7 @@ _AUTOTUNE = tf.data.AUTOTUNE
 _do_not_convert = tf.autograph.experimental.do_not_convert  # plain TF ops: no autograph
 
 
-def _processes(process_index, process_count) -> tuple[int, int]:
+def resolve_processes(process_index, process_count) -> tuple[int, int]:
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if not 0 <= index < count:
@@ -43,7 +41,7 @@ def _processes(process_index, process_count) -> tuple[int, int]:
     return index, count
 
 
-def _options(threads: int) -> tf.data.Options:
+def dataset_options(threads: int) -> tf.data.Options:
     options = tf.data.Options()
     options.deterministic = True
     options.threading.max_intra_op_parallelism = 1  # parallelism across examples, not ops
@@ -66,7 +64,7 @@ def _int_seed(key) -> tf.Tensor:
     return tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
 
 
-class _Streams:
+class Streams:
     """The split cut into S contiguous streams; this process's ones, batched and zipped."""
 
     def __init__(self, data_cfg, split, *, global_batch, process_index, process_count):
@@ -110,7 +108,8 @@ class _Streams:
         order = tf.random.experimental.stateless_shuffle(tf.range(len(slices)), _fold(key, 2))
         buffer = max(1, self.cfg.shuffle_buffer // len(self.mine))
         raw = source.read_slices(slices, order=order, cycle_length=self.cfg.file_cycle_length)
-        return raw.shuffle(buffer, seed=_int_seed(_fold(key, 3))).map(self.parse)
+        shuffled = raw.shuffle(buffer, seed=_int_seed(_fold(key, 3)))
+        return shuffled.map(self.parse, num_parallel_calls=_AUTOTUNE, deterministic=True)
 
     def dataset(
         self,
@@ -180,10 +179,10 @@ class _Streams:
         )
         if epochs is not None:
             zipped = zipped.take(epochs * self.steps_per_epoch - start_step)
-        return zipped.prefetch(self.cfg.prefetch).with_options(_options(self.cfg.threads))
+        return zipped.prefetch(self.cfg.prefetch).with_options(dataset_options(self.cfg.threads))
 
 
-class _SkipCounter:
+class SkipCounter:
     """Sums the "skipped" counts of batches and logs them every `every` batches."""
 
     def __init__(self, every: int, what: str):
@@ -211,7 +210,7 @@ class PretrainBatches:
 
     def __init__(
         self,
-        streams: _Streams,
+        streams: Streams,
         views_cfg,
         *,
         seed: int,
@@ -229,7 +228,7 @@ class PretrainBatches:
         self.dataset = streams.dataset(
             example_fn, seed=seed, start_step=start_step, with_label=False, with_ids=with_ids
         )
-        self._skips = _SkipCounter(streams.cfg.log_skipped_every, f"pretrain {streams.cfg.dataset}")
+        self._skips = SkipCounter(streams.cfg.log_skipped_every, f"pretrain {streams.cfg.dataset}")
 
     @property
     def num_skipped(self) -> int:
@@ -260,10 +259,10 @@ def pretrain_batches(
     process_count default to jax's; pass them to simulate processes. with_ids adds the
     examples' TFDS "id" feature (bytes[B]), for debugging and tests.
     """
-    index, count = _processes(process_index, process_count)
+    index, count = resolve_processes(process_index, process_count)
     if global_batch % count:
         raise ValueError(f"global_batch={global_batch} is not divisible by {count} processes")
-    streams = _Streams(
+    streams = Streams(
         data_cfg,
         data_cfg.train_split,
         global_batch=global_batch,
@@ -277,163 +276,4 @@ def pretrain_batches(
         start_step=start_step,
         local_batch=global_batch // count,
         with_ids=with_ids,
-    )
-
-
-class EvalBatches:
-    """Iterable of host-local {"image": uint8, "label": int32, "mask": bool} batches.
-
-    num_batches: batches per pass (per epoch with train_augment), the same on every process;
-    num_examples: examples of the split (a pass covers each exactly once without
-    train_augment); num_classes: of the ClassLabel; num_skipped: undecodable images.
-    """
-
-    def __init__(
-        self,
-        dataset,
-        *,
-        num_batches,
-        num_examples,
-        num_classes,
-        local_examples,
-        what,
-        log_every,
-        padded: bool,
-    ):
-        self.dataset, self.num_batches = dataset, num_batches
-        self.num_examples, self.num_classes = num_examples, num_classes
-        self._local_examples, self._padded = local_examples, padded
-        self._skips = _SkipCounter(log_every, what)
-
-    @property
-    def num_skipped(self) -> int:
-        return self._skips.total
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        if not self._padded:
-            for batch in self.dataset.as_numpy_iterator():
-                yield self._skips(batch)
-            return
-        kept = 0
-        for batch in self.dataset.as_numpy_iterator():
-            kept += int(batch["mask"].sum())
-            yield batch
-        self._skips.total += self._local_examples - kept  # this pass's undecodable images
-        self._skips.log()
-
-
-def eval_batches(
-    data_cfg,
-    split: str,
-    *,
-    global_batch: int,
-    image_size: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    train_augment: bool = False,
-    seed: int = 0,
-    epochs: int | None = None,
-    start_step: int = 0,
-    with_ids: bool = False,
-) -> EvalBatches:
-    """Labelled batches for kNN, linear evaluation and transfer.
-
-    Without train_augment: one pass over `split` in stored order, each process reading a
-    contiguous part; eval preprocessing (center crop data_cfg.eval_crop_fraction of the shorter
-    side, resized to image_size: 224 from 256 at 0.875); the last batches are padded with
-    mask=False so that every process yields num_batches batches.
-    With train_augment: the linear-eval training preprocessing (RandomResizedCrop with
-    data_cfg.linear_crop_area, bilinear, + flip), shuffled per epoch through the same streams
-    as pretraining (data_cfg.num_streams), full batches only (mask all True), `epochs` epochs
-    of num_batches steps (None: forever); start_step resumes.
-    with_ids adds the TFDS "id" feature (b"" for padding). Raises ValueError if the dataset
-    has no ClassLabel "label".
-    """
-    index, count = _processes(process_index, process_count)
-    if global_batch % count:
-        raise ValueError(f"global_batch={global_batch} is not divisible by {count} processes")
-    local_batch = global_batch // count
-    what = f"{'train-augmented ' if train_augment else ''}eval {data_cfg.dataset}[{split}]"
-
-    if train_augment:
-        streams = _Streams(
-            data_cfg, split, global_batch=global_batch, process_index=index, process_count=count
-        )
-        classes = source.num_classes(streams.builder)
-        view = linear_eval_view(image_size, data_cfg.linear_crop_area)
-
-        def example_fn(record, key):
-            image = augment.random_view(record["image"], key, view)
-            return {"image": image, "label": record["label"], "mask": tf.constant(True)}
-
-        dataset = streams.dataset(
-            example_fn,
-            seed=seed,
-            start_step=start_step,
-            with_label=True,
-            with_ids=with_ids,
-            epochs=epochs,
-        )
-        return EvalBatches(
-            dataset,
-            num_batches=streams.steps_per_epoch,
-            num_examples=streams.num_examples,
-            num_classes=classes,
-            local_examples=None,
-            what=what,
-            log_every=data_cfg.log_skipped_every,
-            padded=False,
-        )
-
-    builder = source.open_builder(data_cfg.dataset, data_cfg.data_dir)
-    classes = source.num_classes(builder)
-    slices = source.file_slices(builder, split)
-    total = source.num_records(slices)
-    bounds = source.even_bounds(total, count)
-    largest = max(np.diff(bounds)) if total else 0
-    num_batches = math.ceil(largest / local_batch)
-    mine = source.cut(slices, bounds[index], bounds[index + 1])
-    crop_fraction = data_cfg.eval_crop_fraction
-
-    @_do_not_convert
-    def preprocess(record):
-        image = augment.eval_view(record["image"], image_size, crop_fraction)
-        out = {"image": image, "label": record["label"], "mask": tf.constant(True)}
-        if with_ids:
-            out["id"] = record["id"]
-        return out
-
-    pad = {
-        "image": tf.zeros([image_size, image_size, 3], tf.uint8),
-        "label": tf.constant(0, tf.int32),
-        "mask": tf.constant(False),
-    }
-    if with_ids:
-        pad["id"] = tf.constant(b"")
-    raw = source.read_slices(mine, cycle_length=1) if mine else None
-    if raw is None:
-        examples = tf.data.Dataset.from_tensors(pad).take(0)
-    else:
-        parse = source.record_parser(builder, True, with_ids)
-        raw = raw.map(parse, num_parallel_calls=_AUTOTUNE)
-        if data_cfg.cache:
-            raw = raw.cache()
-        examples = raw.map(preprocess, num_parallel_calls=_AUTOTUNE, deterministic=True)
-    dataset = (
-        examples.ignore_errors()
-        .concatenate(tf.data.Dataset.from_tensors(pad).repeat())  # pad (and replace skipped)
-        .take(num_batches * local_batch)
-        .batch(local_batch)
-        .prefetch(data_cfg.prefetch)
-        .with_options(_options(data_cfg.threads))
-    )
-    return EvalBatches(
-        dataset,
-        num_batches=num_batches,
-        num_examples=total,
-        num_classes=classes,
-        local_examples=bounds[index + 1] - bounds[index],
-        what=what,
-        log_every=data_cfg.log_skipped_every,
-        padded=True,
     )
