@@ -1,0 +1,307 @@
+r"""Throughput of the full jitted train step, its utilisation, and whether the input keeps up.
+
+Measures, in one process and one run (so the ratios are trustworthy on a shared machine):
+
+  (a) device step: bt_jax.pretrain.train_step on one fixed batch already on the devices,
+      after compilation and warm-up; median over --repeats runs of --steps steps;
+  (b) input pipeline: batches/s of bt_jax.data.pretrain_batches alone (host numpy batches,
+      after the first batch, which fills the cache), median over --repeats runs;
+  (c) end to end: the pretraining loop's own pattern (prefetch_to_mesh + train_step), with
+      the time spent waiting for input;
+
+and reports input_rate / step_rate (> 1: the input keeps up and the device step is the
+bottleneck). Utilisation: achieved FLOP/s (XLA's cost analysis of the compiled step x
+devices / step time) over this machine's dense float32 matmul rate, measured in the same
+run on the same devices (a large jnp.dot).
+
+  python bench/train_step.py --config=configs/cifar10.py --data_dir=/work/shared/tfds \
+      --width=0.25 --json=bench/results/train_step_cifar10.json
+
+Without --data_dir (or BT_JAX_TFDS_DIR) it reads the embedded cifar10_jpeg_mini.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+TFDS_ENV = "BT_JAX_TFDS_DIR"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="configs/cifar10.py", help="file[:variant]")
+    p.add_argument("--devices", type=int, default=1, help="CPU devices (XLA host devices)")
+    p.add_argument("--data_dir", default=os.environ.get(TFDS_ENV))
+    p.add_argument("--dataset", default=None, help="default: cifar10_jpeg with --data_dir")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: config's)")
+    p.add_argument("--width", type=float, default=None, help="backbone width multiplier")
+    p.add_argument("--projector", default=None, help="e.g. 2048-2048-2048")
+    p.add_argument("--arch", default=None)
+    p.add_argument("--dtype", default="float32", help="compute dtype (bf16 is slow on CPU)")
+    p.add_argument("--strategy", default=None, help="loss strategy (default: config's)")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed repeat")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    p.add_argument("--input_batches", type=int, default=20, help="batches per input repeat")
+    p.add_argument("--matmul_size", type=int, default=2048)
+    p.add_argument("--json", default=None)
+    return p.parse_args(argv)
+
+
+def load_config(spec: str):
+    path, _, variant = spec.partition(":")
+    if not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(common.ROOT, path)
+    module_spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def configure(args):
+    config = load_config(args.config)
+    if args.batch:
+        config.train.global_batch = args.batch
+    if args.width:
+        config.model.width = args.width
+    if args.projector:
+        config.model.projector = args.projector
+    if args.arch:
+        config.model.arch = args.arch
+    if args.strategy:
+        config.loss.strategy = args.strategy
+    config.model.dtype = args.dtype
+    if args.dataset:
+        config.data.dataset = args.dataset
+    elif args.data_dir:
+        config.data.dataset = "cifar10_jpeg"
+    else:
+        config.data.dataset = "cifar10_jpeg_mini"  # embedded in the package
+    if args.data_dir and config.data.dataset != "cifar10_jpeg_mini":
+        config.data.data_dir = args.data_dir
+    return config
+
+
+def matmul_rate(mesh, n: int, repeats: int) -> dict:
+    """FLOP/s of a float32 [n*W, n] x [n, n] product sharded by rows over the mesh."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    w = mesh.devices.size
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.device_put(
+        jax.random.normal(key_a, (n * w, n), jnp.float32), NamedSharding(mesh, P("data"))
+    )
+    b = jax.device_put(jax.random.normal(key_b, (n, n), jnp.float32), NamedSharding(mesh, P()))
+    dot = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
+    dot(a, b).block_until_ready()
+    seconds, times = common.repeat_median(lambda: dot(a, b).block_until_ready(), repeats)
+    flops = 2.0 * n * w * n * n
+    return {"n": n, "flops": flops, "seconds": seconds, "times": times, "rate": flops / seconds}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    common.set_devices(args.devices)
+
+    import functools
+
+    import jax
+    import ml_collections
+
+    from bt_jax import distributed, optim, pretrain
+    from bt_jax.data import pretrain_batches
+
+    config = configure(args)
+    mesh = distributed.make_mesh(args.devices)
+    w = mesh.devices.size
+    global_batch = config.train.global_batch
+    distributed.check_global_batch(global_batch, mesh)
+    image_size = config.augment.view1.image_size
+    what = (
+        f"{config.model.arch} x{config.model.width} "
+        f"{'cifar stem ' if config.model.cifar_stem else ''}projector {config.model.projector}, "
+        f"{image_size} px, {config.model.dtype}, batch {global_batch}, loss "
+        f"{config.loss.strategy}, {w} {jax.default_backend()} device(s), {config.data.dataset}"
+    )
+    print(what, flush=True)
+
+    # (b) the input pipeline alone
+    def new_batches():
+        return pretrain_batches(
+            config.data, config.augment, global_batch=global_batch, seed=config.seed
+        )
+
+    batches = new_batches()
+    iterator = iter(batches)
+    t0 = time.perf_counter()
+    first = next(iterator)
+    first_batch_s = time.perf_counter() - t0
+    input_times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.input_batches):
+            next(iterator)
+        input_times.append((time.perf_counter() - t0) / args.input_batches)
+    input_s = statistics.median(input_times)
+    print(
+        f"input: {1 / input_s:.2f} batches/s ({global_batch / input_s:.0f} images/s), first "
+        f"batch {first_batch_s:.1f} s",
+        flush=True,
+    )
+
+    # (a) the device step alone, on a fixed batch already on the devices
+    model = pretrain.build_model(config.model)
+    total_steps = 10**6
+    tx, _ = optim.make_optimizer(
+        config.optim, global_batch=global_batch, warmup_steps=10, total_steps=total_steps
+    )
+    step_fn = functools.partial(
+        pretrain.train_step,
+        model=model,
+        tx=tx,
+        loss_cfg=ml_collections.FrozenConfigDict(config.loss),
+        mesh=mesh,
+    )
+    replicated = distributed.replicated(mesh)
+    with jax.set_mesh(mesh):
+        state = jax.jit(
+            functools.partial(pretrain.init_state, model, tx, config, image_size),
+            out_shardings=replicated,
+        )()
+        batch = distributed.host_to_global(first, mesh)
+        t0 = time.perf_counter()
+        compiled = pretrain.train_step.lower(
+            state,
+            batch,
+            model=model,
+            tx=tx,
+            loss_cfg=ml_collections.FrozenConfigDict(config.loss),
+            mesh=mesh,
+        ).compile()
+        compile_s = time.perf_counter() - t0
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        flops_per_device = float(cost["flops"])
+
+        for _ in range(args.warmup):
+            state, metrics = step_fn(state, batch)
+        jax.block_until_ready(metrics)
+
+        def run_steps():
+            nonlocal state
+            for _ in range(args.steps):
+                state, m = step_fn(state, batch)
+            jax.block_until_ready((state, m))
+
+        step_total, step_times = common.repeat_median(run_steps, args.repeats)
+        step_s = step_total / args.steps
+        print(f"device step: {step_s:.3f} s/step ({global_batch / step_s:.1f} pairs/s)")
+
+        # (c) end to end, as the pretraining loop runs
+        device_batches = distributed.prefetch_to_mesh(
+            new_batches(), mesh, config.train.device_prefetch
+        )
+        state, m = step_fn(state, next(device_batches))  # fills the cache; untimed
+        jax.block_until_ready(m)
+        e2e_steps = args.steps * args.repeats
+        wait = 0.0
+        t0 = time.perf_counter()
+        for _ in range(e2e_steps):
+            t1 = time.perf_counter()
+            b = next(device_batches)
+            wait += time.perf_counter() - t1
+            state, m = step_fn(state, b)
+        jax.block_until_ready((state, m))
+        e2e_s = (time.perf_counter() - t0) / e2e_steps
+        print(f"end to end: {e2e_s:.3f} s/step, input wait {100 * wait / e2e_steps / e2e_s:.0f}%")
+
+        mm = matmul_rate(mesh, args.matmul_size, max(3, args.repeats))
+
+    achieved = flops_per_device * w / step_s
+    out = {
+        "setup": {
+            "config": args.config,
+            "description": what,
+            "arch": config.model.arch,
+            "width": config.model.width,
+            "projector": config.model.projector,
+            "image_size": image_size,
+            "dtype": config.model.dtype,
+            "global_batch": global_batch,
+            "devices": w,
+            "loss_strategy": config.loss.strategy,
+            "dataset": config.data.dataset,
+            "pixel_ops": config.augment.get("pixel_ops", "host"),
+            "steps_per_repeat": args.steps,
+            "repeats": args.repeats,
+            "input_batches_per_repeat": args.input_batches,
+        },
+        "compile_seconds": compile_s,
+        "device_step": {
+            "seconds_per_step": step_s,
+            "steps_per_s": 1 / step_s,
+            "pairs_per_s": global_batch / step_s,
+            "pairs_per_s_per_device": global_batch / step_s / w,
+            "repeat_seconds": step_times,
+        },
+        "input": {
+            "seconds_per_batch": input_s,
+            "batches_per_s": 1 / input_s,
+            "images_per_s": global_batch / input_s,
+            "first_batch_seconds": first_batch_s,
+            "repeat_seconds_per_batch": input_times,
+        },
+        "end_to_end": {
+            "seconds_per_step": e2e_s,
+            "steps_per_s": 1 / e2e_s,
+            "pairs_per_s": global_batch / e2e_s,
+            "input_wait_fraction": wait / e2e_steps / e2e_s,
+            "steps": e2e_steps,
+        },
+        "input_rate_over_step_rate": step_s / input_s,
+        "flops_per_step_per_device": flops_per_device,
+        "flops_per_pair": flops_per_device * w / global_batch,
+        "achieved_flops_per_s": achieved,
+        "matmul": mm,
+        "utilisation_vs_matmul": achieved / mm["rate"],
+    }
+    bottleneck = "device step" if out["input_rate_over_step_rate"] > 1 else "input pipeline"
+    print()
+    print(
+        common.table(
+            [
+                ["device step alone", 1 / step_s, global_batch / step_s],
+                ["input pipeline alone", 1 / input_s, global_batch / input_s],
+                ["end to end", 1 / e2e_s, global_batch / e2e_s],
+            ],
+            ["measurement", "steps/s", "image pairs/s"],
+        )
+    )
+    wait_pct = 100 * out["end_to_end"]["input_wait_fraction"]
+    print(
+        f"\ninput rate / step rate = {out['input_rate_over_step_rate']:.2f} (bottleneck: "
+        f"{bottleneck}); end-to-end input wait {wait_pct:.0f}%"
+    )
+    print(
+        f"step: {flops_per_device * w / 1e9:.1f} GFLOP ({out['flops_per_pair'] / 1e9:.2f} "
+        f"GFLOP/pair) -> {achieved / 1e9:.1f} GFLOP/s achieved; dense f32 matmul "
+        f"{mm['rate'] / 1e9:.1f} GFLOP/s -> utilisation {100 * out['utilisation_vs_matmul']:.0f}%"
+    )
+    if args.json:
+        common.write_json(args.json, {**common.envelope(), **out})
+    return out
+
+
+if __name__ == "__main__":
+    main()
