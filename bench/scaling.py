@@ -90,16 +90,21 @@ _GROUPS = re.compile(r"replica_groups=\{\{([0-9,]+)\}")
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 
 
-def _shape_bytes(text: str) -> int:
-    total = 0
+def _shapes_bytes(text: str) -> list[int]:
+    """Bytes of every array shape written in `text` (a shape or a tuple of shapes)."""
+    sizes = []
     for dtype, dims in _SHAPE.findall(text):
         if dtype not in _DTYPE_BYTES:
             continue
         n = 1
         for d in filter(None, dims.split(",")):
             n *= int(d)
-        total += n * _DTYPE_BYTES[dtype]
-    return total
+        sizes.append(n * _DTYPE_BYTES[dtype])
+    return sizes
+
+
+def _shape_bytes(text: str) -> int:
+    return sum(_shapes_bytes(text))
 
 
 def _group_size(line: str, default: int) -> int:
@@ -131,9 +136,15 @@ def collectives(hlo_text: str, devices: int) -> dict:
         if not m:
             continue
         result_text, kind = m.group(1), m.group(2)
-        size = _shape_bytes(result_text)  # async *-start results hold (operand, result)
-        if m.group(3):
-            size = _shape_bytes(result_text) // 2 if kind != "all-gather" else size
+        size = _shape_bytes(result_text)
+        if m.group(3):  # async all-gather/reduce-scatter/permute-start: (operand, result, ...)
+            sizes = _shapes_bytes(result_text)
+            if kind == "all-gather":
+                size = max(sizes)
+            elif kind == "reduce-scatter":
+                size = min(sizes)
+            elif kind == "collective-permute":
+                size = sizes[0]
         g = _group_size(line, devices)
         if kind == "reduce-scatter":
             full = size * g  # operand: the unscattered array
