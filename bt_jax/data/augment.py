@@ -24,6 +24,8 @@ import math
 
 import tensorflow as tf
 
+from bt_jax.data.config import blur_taps
+
 # ITU-R 601-2 luma, as PIL's convert("L") and torchvision's rgb_to_grayscale.
 _LUMA = (0.299, 0.587, 0.114)
 _CROP_ATTEMPTS = 10  # as torchvision's RandomResizedCrop.get_params
@@ -150,14 +152,20 @@ def to_uint8(image: tf.Tensor) -> tf.Tensor:
 # with the TF kernels that are cheap on CPU (no tf.where, floormod or stack on whole images).
 
 
-def luma(image: tf.Tensor) -> tf.Tensor:
-    """[H, W, 3] -> [H, W, 1] luma."""
-    return tf.linalg.matvec(image, tf.constant(_LUMA, image.dtype))[..., None]
+def _color_matrix(image, matrix) -> tf.Tensor:
+    """Pixels times a 3x3 matrix: one matmul, cheaper on CPU than broadcasting a luma plane."""
+    return tf.reshape(tf.reshape(image, [-1, 3]) @ matrix, tf.shape(image))
+
+
+def _toward_luma(factor) -> tf.Tensor:
+    """M with x @ M = factor * x + (1 - factor) * luma(x) in every channel."""
+    luma_columns = tf.tile(tf.constant(_LUMA, tf.float32)[:, None], [1, 3])
+    return factor * tf.eye(3) + (1.0 - factor) * luma_columns
 
 
 def grayscale(image: tf.Tensor) -> tf.Tensor:
     """Luma, kept as 3 identical channels."""
-    return tf.broadcast_to(luma(image), tf.shape(image))
+    return _color_matrix(image, _toward_luma(0.0))
 
 
 def adjust_brightness(image, factor):
@@ -171,7 +179,7 @@ def adjust_contrast(image, factor):
 
 
 def adjust_saturation(image, factor):
-    return tf.clip_by_value(factor * image + (1.0 - factor) * luma(image), 0.0, 1.0)
+    return tf.clip_by_value(_color_matrix(image, _toward_luma(factor)), 0.0, 1.0)
 
 
 def adjust_hue(image, delta):
@@ -212,9 +220,9 @@ def gaussian_blur(image, sigma, kernel_size: int) -> tf.Tensor:
     x = tf.nn.depthwise_conv2d(image[None], column, [1, 1, 1, 1], "SAME")
     x = tf.nn.depthwise_conv2d(x, tf.transpose(column, [1, 0, 2, 3]), [1, 1, 1, 1], "SAME")
     # Kernel mass inside the image along each axis (1-D, cheap), to undo the zero padding.
-    mass_h = _kernel_mass(kernel, tf.shape(image)[0])
-    mass_w = _kernel_mass(kernel, tf.shape(image)[1])
-    return x[0] * (1.0 / (mass_h[:, None, None] * mass_w[None, :, None]))
+    inv_h = 1.0 / _kernel_mass(kernel, tf.shape(image)[0])
+    inv_w = 1.0 / _kernel_mass(kernel, tf.shape(image)[1])
+    return x[0] * inv_h[:, None, None] * inv_w[None, :, None]
 
 
 def _kernel_mass(kernel, length):
@@ -295,7 +303,7 @@ def augment_pixels(image, params, view, *, flip_only: bool = False) -> tf.Tensor
     if view.grayscale_prob > 0:
         image = maybe(params["grayscale"], grayscale, image)
     if view.blur_prob > 0:
-        blur = lambda x: gaussian_blur(x, params["blur_sigma"], view.blur_kernel_size)
+        blur = lambda x: gaussian_blur(x, params["blur_sigma"], blur_taps(view))
         image = maybe(params["blur"], blur, image)
     if view.solarize_prob > 0:
         image = maybe(params["solarize"], solarize, image)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bt_jax.data.config import blur_taps
 from bt_jax.data.normalize import normalize
 
 _LUMA = jnp.array([0.299, 0.587, 0.114], jnp.float32)
@@ -101,7 +102,7 @@ def apply_pixel_ops(image, ops, view):
     if view.grayscale_prob > 0:
         x = jax.lax.cond(p["grayscale"], lambda y: jnp.broadcast_to(_luma(y), y.shape), identity, x)
     if view.blur_prob > 0:
-        blur = lambda y: _gaussian_blur(y, p["blur_sigma"], view.blur_kernel_size)
+        blur = lambda y: _gaussian_blur(y, p["blur_sigma"], blur_taps(view))
         x = jax.lax.cond(p["blur"], blur, identity, x)
     if view.solarize_prob > 0:
         x = jax.lax.cond(p["solarize"], lambda y: jnp.minimum(y, 1.0 - y), identity, x)
