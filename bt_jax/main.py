@@ -8,6 +8,7 @@ hides accelerators from TensorFlow (it only feeds data), and runs the job the co
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 
@@ -48,10 +49,50 @@ def run(config, workdir: str):
     return job.run(config, workdir)
 
 
+def _load_config_file(spec: str):
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_bt_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def _explain_override_error(argv, err) -> str:
+    """Name the override that failed and, for an unknown key, the keys that exist."""
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    try:
+        config = _load_config_file(spec)
+    except Exception:  # the file itself is broken: absl's message is all we have
+        return f"bt_jax: error: cannot load --config={spec}: {err}"
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        node, path = config, arg[len("--config.") :].split("=", 1)[0].split(".")
+        for depth, key in enumerate(path):
+            if not hasattr(node, "keys") or key not in node:
+                where = ".".join(["config", *path[:depth]])
+                known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+                return f"bt_jax: error: {arg}: {where} has no field {key!r}; its fields: {known}"
+            node = node[key]
+    return f"bt_jax: error: bad config override: {err}"
+
+
+def parse_flags(argv):
+    """absl's parser, with config errors (unknown key, bad value) as one line, no traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        sys.exit(f"bt_jax: error: {err}")
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        sys.exit(_explain_override_error(argv, err))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not flags.FLAGS["verbosity"].present:  # orbax and TF log every save at INFO
+        logging.set_verbosity(logging.WARNING)
     from bt_jax import distributed  # jax is imported only now, after absl parsed XLA flags
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -70,4 +111,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
