@@ -44,14 +44,18 @@ DEFAULT_JSON = os.path.join(common.RESULTS_DIR, "scaling.json")
 # Labelled assumptions of the pod estimate (public spec sheets; dense bf16 peaks).
 HARDWARE = {
     "TPU v4-128 (64 chips)": dict(
-        chips=64, peak_flops=275e12, hbm_gib=32, allreduce_gbps=300.0, note="ICI 3D torus"
+        chips=64,
+        peak_flops=275e12,
+        hbm_gib=32,
+        allreduce_gbps=300.0,
+        note="all-reduce bus bandwidth on the ICI 3D torus",
     ),
     "32 x A100-40GB (4 nodes x 8)": dict(
         chips=32,
         peak_flops=312e12,
         hbm_gib=40,
-        allreduce_gbps=25.0,
-        note="NVLink in a node; bottleneck 200 Gb/s InfiniBand per GPU across nodes",
+        allreduce_gbps=100.0,
+        note="all-reduce bus bandwidth across DGX A100 nodes, 8 x 200 Gb/s HDR InfiniBand each",
     ),
 }
 # Model FLOP utilisation assumed for the estimate: what good ResNet-50 training reaches
@@ -373,7 +377,7 @@ def step_table(entries: list[dict]) -> str:
     return common.table(
         rows,
         [
-            "D", "strategy", "batch/dev x dev", "params M", "GFLOP/image pair/dev",
+            "D", "strategy", "batch/dev x dev", "params M", "GFLOP/pair",
             "args MiB", "temp MiB", "out MiB", "coll. payload MiB", "ring MiB", "compile s",
         ],
     )  # fmt: skip
@@ -405,11 +409,14 @@ def projector_sharding(step_entries: list[dict], w: int) -> list[dict]:
 def pod_estimate(step_entries: list[dict], loss_entries: list[dict], n: int = 2048) -> list[dict]:
     """Labelled estimate at global batch n on the HARDWARE above, D from the step entries.
 
-    Per-device FLOPs = per-image-pair FLOPs of backbone + projector (from the whole step,
-    minus the loss measured alone at the same N and W) x per-device batch + the gather
-    loss's FLOPs at (N, D) divided by the chips (it scales as 1/W, measured in part 1).
-    Communication: the gradient all-reduce (the parameter count x 4 bytes, ring 2x) plus the
-    loss's collective payload at (N, D) (independent of W up to (1 + 1/W)).
+    Per-chip FLOPs = per-image-pair FLOPs of backbone + projector (from the whole step,
+    minus the loss measured alone at the same N and W) x per-chip batch + the gather loss's
+    single-device FLOPs at (N, D) / chips (it scales as 1/W: part 1).
+    Communication per chip, ring algorithms: the gradient all-reduce plus the gather loss's
+    2 (N + N/W) D x 4 bytes. "as compiled": the all-reduce payload measured in the step's
+    HLO (weight gradients are all-reduced once per view: ~2x the parameters); "one
+    reduction": 4 bytes x parameters, what summing the two views' gradients before the
+    all-reduce would move.
     """
     out = []
     for e in sorted(step_entries, key=lambda e: e["d"]):
@@ -426,27 +433,40 @@ def pod_estimate(step_entries: list[dict], loss_entries: list[dict], n: int = 20
         single = [x for x in loss_entries if (x["n"], x["d"], x["strategy"]) == (n, d, "single")]
         loss_total = single[0]["flops"] if single else loss_formulas(n, d, 1)["single_matmul_flops"]
         params = e["params_backbone"] + e["params_projector"]
-        grad_ring_bytes = 2 * 4 * params  # ring all-reduce of f32 gradients, ~ W-independent
+        allreduce_payload = e["collectives"]["ops"].get("all-reduce", {}).get("payload_bytes", 0)
         for name, hw in HARDWARE.items():
             chips = hw["chips"]
+            ring = 2 * (chips - 1) / chips
             per_chip_batch = n / chips
             flops = per_pair * per_chip_batch + loss_total / chips
             compute_s = flops / (hw["peak_flops"] * ASSUMED_MFU)
             loss_bytes = 2 * (n + n / chips) * d * 4 * (chips - 1) / chips
-            comm_s = (grad_ring_bytes + loss_bytes) / (hw["allreduce_gbps"] * 1e9)
-            step_s = max(compute_s, comm_s)  # assumes the gradient all-reduce overlaps
+            bandwidth = hw["allreduce_gbps"] * 1e9
+            comm_compiled_s = (ring * allreduce_payload + loss_bytes) / bandwidth
+            comm_one_s = (ring * 4 * params + loss_bytes) / bandwidth
+            # compute and communication assumed to overlap: the step takes the longer one
+            step_compiled_s = max(compute_s, comm_compiled_s)
+            step_one_s = max(compute_s, comm_one_s)
+            state_bytes = 3 * 4 * params  # f32 params + LARS momentum + gradients, replicated
             out.append(
                 dict(
                     hardware=name,
                     d=d,
                     global_batch=n,
                     per_chip_batch=per_chip_batch,
+                    gflop_per_pair=per_pair / 1e9,
                     gflop_per_chip_step=flops / 1e9,
                     loss_share=loss_total / chips / flops,
                     compute_ms=1e3 * compute_s,
-                    comm_ms=1e3 * comm_s,
-                    pairs_per_s_per_chip=per_chip_batch / step_s,
-                    param_opt_bytes_replicated=3 * 4 * params,  # params + momentum + grads
+                    comm_ms_as_compiled=1e3 * comm_compiled_s,
+                    comm_ms_one_reduction=1e3 * comm_one_s,
+                    pairs_per_s_per_chip_as_compiled=per_chip_batch / step_compiled_s,
+                    pairs_per_s_per_chip_one_reduction=per_chip_batch / step_one_s,
+                    state_gib_replicated=state_bytes / 2**30,
+                    state_gib_projector_sharded=(
+                        3 * 4 * (e["params_backbone"] + e["params_projector"] / chips) / 2**30
+                    ),
+                    hbm_gib=hw["hbm_gib"],
                     assumptions=(
                         f"{hw['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak x {ASSUMED_MFU:.0%} "
                         f"MFU; {hw['allreduce_gbps']:.0f} GB/s per chip for collectives "
@@ -576,8 +596,12 @@ def main(argv=None) -> dict:
                         x["gflop_per_chip_step"],
                         x["loss_share"],
                         x["compute_ms"],
-                        x["comm_ms"],
-                        x["pairs_per_s_per_chip"],
+                        x["comm_ms_as_compiled"],
+                        x["comm_ms_one_reduction"],
+                        x["pairs_per_s_per_chip_as_compiled"],
+                        x["pairs_per_s_per_chip_one_reduction"],
+                        x["state_gib_replicated"],
+                        x["state_gib_projector_sharded"],
                     ]
                     for x in estimate
                 ],
@@ -588,8 +612,12 @@ def main(argv=None) -> dict:
                     "GFLOP/chip/step",
                     "loss share",
                     "compute ms",
-                    "comm ms",
-                    "pairs/s/chip",
+                    "comm ms (as compiled)",
+                    "comm ms (1 reduction)",
+                    "pairs/s/chip (as compiled)",
+                    "pairs/s/chip (1 reduction)",
+                    "state GiB (replicated)",
+                    "state GiB (projector sharded)",
                 ],
             )  # fmt: skip
         )
