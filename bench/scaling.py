@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a reduced set (a few minutes)")
     p.add_argument("--dims", default=None, help="comma list of D (default: 2048,...,32768)")
     p.add_argument("--batches", default=None, help="comma list of global N for the loss")
+    p.add_argument(
+        "--device_counts", default="2,4", help="also the loss at N=2048, D=8192 on these W"
+    )
     p.add_argument("--step_dims", default=None, help="comma list of D for the whole step")
     p.add_argument("--step_strategies", default="gather,allreduce", help="at D = 8192")
     p.add_argument("--per_device_batch", type=int, default=4, help="whole-step batch per device")
@@ -360,6 +363,35 @@ def loss_table(entries: list[dict], w: int) -> str:
     )  # fmt: skip
 
 
+def devices_table(entries: list[dict], loss_entries: list[dict]) -> str:
+    single = next(
+        (e for e in loss_entries if (e["n"], e["d"], e["strategy"]) == (2048, 8192, "single")),
+        None,
+    )
+    rows = []
+    for e in sorted(entries, key=lambda e: (e["strategy"], e["devices"])):
+        k = e["devices"]
+        f = loss_formulas(e["n"], e["d"], k)
+        expect = (
+            f["gather_fwd_bwd_payload"] if e["strategy"] == "gather" else f["allreduce_payload"]
+        )
+        rows.append(
+            [
+                e["strategy"], k, e["flops"] / 1e9,
+                e["flops"] / single["flops"] if single else "-", 1 / k,
+                _mib(e["collectives"]["payload_bytes"]), _mib(expect),
+                _mib(e["collectives"]["ring_bytes"]), _mib(e["memory"]["temporaries"]),
+            ]
+        )  # fmt: skip
+    return common.table(
+        rows,
+        [
+            "strategy", "W", "GFLOP/dev", "vs 1 dev", "1/W", "payload MiB/dev",
+            "formula MiB", "ring MiB/dev", "temp MiB/dev",
+        ],
+    )  # fmt: skip
+
+
 def step_table(entries: list[dict]) -> str:
     rows = []
     for e in sorted(entries, key=lambda e: (e["d"], e["strategy"])):
@@ -538,6 +570,17 @@ def main(argv=None) -> dict:
             entry = cached(key, functools.partial(loss_entry, n, d, strategy, mesh))
             loss_entries.append({**entry, "kind": "loss"})
 
+    # How the loss's cost per device falls with the device count at the paper's N and D.
+    device_entries = []
+    counts = [k for k in ints(args.device_counts) or [] if 1 < k <= jax.device_count()]
+    for k in sorted(set(counts) | {w}) if counts else []:
+        sub_mesh = distributed.make_mesh(k)
+        for strategy in ("gather", "allreduce"):
+            key = _key(None, kind="loss", n=2048, d=8192, strategy=strategy, devices=k)
+            print(f"loss N=2048 D=8192 {strategy} on {k} devices ...", flush=True)
+            entry = cached(key, functools.partial(loss_entry, 2048, 8192, strategy, sub_mesh))
+            device_entries.append({**entry, "kind": "loss"})
+
     step_entries = []
     if not args.no_step:
         todo = [(d, "gather") for d in step_dims]
@@ -558,6 +601,9 @@ def main(argv=None) -> dict:
         "\nformula: gather (N + N/W) D x 4 B forward, x2 with the backward (reduce-scatter + "
         "all-to-all); allreduce D^2 x 4 B payload, 2 (W-1)/W D^2 x 4 B on a ring."
     )
+    if device_entries:
+        print("\n## The loss at N = 2048, D = 8192 against the device count W\n")
+        print(devices_table(device_entries, loss_entries))
     sharding = projector_sharding(step_entries, w)
     estimate = pod_estimate(step_entries, loss_entries)
     if step_entries:
