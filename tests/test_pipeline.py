@@ -81,10 +81,10 @@ def test_embedded_dataset_is_the_default_for_the_mini_set():
     assert not np.array_equal(batch["view1"], batch["view2"])  # the two views differ
 
 
-def test_same_global_batches_on_1_2_and_4_processes():
-    reference = _global_step_sets(1, steps=3)
-    assert _global_step_sets(2, steps=3) == reference
-    assert _global_step_sets(4, steps=3) == reference
+def test_same_global_batches_on_1_and_2_processes():
+    # 2 streams read by 1 process or by 2 (4 processes: the sharding test below).
+    reference = _global_step_sets(1, steps=2, num_streams=2)
+    assert _global_step_sets(2, steps=2, num_streams=2) == reference
     assert len(reference[0]) == 32 and reference[0] != reference[1]
 
 
@@ -124,11 +124,10 @@ def test_resume_continues_exactly_across_an_epoch(cache):
         return _take(batches, steps)
 
     full = run(0, 7)
-    for start in (3, 5):
-        resumed = run(start, 7 - start)
-        for x, y in zip(full[start:], resumed, strict=True):
-            np.testing.assert_array_equal(x["view1"], y["view1"])
-            np.testing.assert_array_equal(x["view2"], y["view2"])
+    resumed = run(5, 2)  # mid-epoch 1, after an epoch boundary
+    for x, y in zip(full[5:], resumed, strict=True):
+        np.testing.assert_array_equal(x["view1"], y["view1"])
+        np.testing.assert_array_equal(x["view2"], y["view2"])
     # A new epoch is a new permutation of the same examples.
     assert not np.array_equal(full[0]["view1"], full[4]["view1"])
 
