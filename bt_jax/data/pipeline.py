@@ -178,7 +178,7 @@ class Streams:
             )
         )
         if epochs is not None:
-            zipped = zipped.take(epochs * self.steps_per_epoch - start_step)
+            zipped = zipped.take(max(0, epochs * self.steps_per_epoch - start_step))
         return zipped.prefetch(self.cfg.prefetch).with_options(dataset_options(self.cfg.threads))
 
 
