@@ -243,9 +243,7 @@ def test_device_pixel_ops_match_the_host_ones():
     differences = []
     for name in ("view1", "view2"):
         assert device[f"{name}_ops"].shape == (16, 13)
-        finish = jax.jit(
-            jax.vmap(lambda i, o, v=device_cfg[name]: device_ops.apply_pixel_ops(i, o, v))
-        )
+        finish = jax.jit(lambda i, o, v=device_cfg[name]: device_ops.apply_pixel_ops(i, o, v))
         finished = np.asarray(jnp.round(finish(device[name], device[f"{name}_ops"]) * 255.0))
         differences.append(np.abs(finished.astype(int) - host[name].astype(int)))
     differences = np.stack(differences)  # the device path starts from a uint8-rounded crop
@@ -260,5 +258,6 @@ def test_device_hue_matches_tf():
     rgb = np.random.default_rng(1).random((16, 16, 3)).astype(np.float32)
     for delta in (-0.1, 0.03, 0.1):
         expected = augment.adjust_hue(tf.constant(rgb), delta).numpy()
-        np.testing.assert_allclose(device_ops.adjust_hue(jnp.asarray(rgb), delta), expected,
-                                   atol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(
+            device_ops.adjust_hue(jnp.asarray(rgb), delta), expected, atol=1e-5
+        )

@@ -378,6 +378,10 @@ def test_device_pixel_ops_batches():
     assert batch["view1_ops"].shape == (8, 13) and batch["view1_ops"].dtype == np.float32
     from bt_jax.data.device_ops import finish_views
 
-    view1, view2 = jax.jit(lambda b: finish_views(b, views))(batch)
+    mesh = distributed.make_mesh()  # as in the train step: batch sharded on explicit axes
+    with jax.set_mesh(mesh):
+        sharded = distributed.host_to_global(batch, mesh)
+        view1, view2 = jax.jit(lambda b: finish_views(b, views))(sharded)
     assert view1.shape == (8, 16, 16, 3) and view1.dtype == np.float32
+    assert view1.sharding.spec[0] == distributed.DATA_AXIS
     assert np.isfinite(np.asarray(view2)).all()

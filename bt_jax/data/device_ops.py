@@ -20,21 +20,24 @@ _HUE_OFFSETS = jnp.array([5.0, 3.0, 1.0], jnp.float32)  # HSV -> RGB: k = (n + 6
 
 
 def _unpack(ops):
-    """float32[13] -> dict (layout of augment.DEVICE_PARAMS)."""
+    """float32[B, 13] -> dict of [B, 1, 1, 1] columns (layout of augment.DEVICE_PARAMS)."""
+    column = lambda i: ops[:, i][:, None, None, None]
     return {
-        "jitter": ops[0] > 0.5,
-        "factors": ops[1:4],  # brightness, contrast, saturation
-        "hue": ops[4],
-        "jitter_order": ops[5:9].astype(jnp.int32),
-        "grayscale": ops[9] > 0.5,
-        "blur": ops[10] > 0.5,
-        "blur_sigma": ops[11],
-        "solarize": ops[12] > 0.5,
+        "jitter": column(0) > 0.5,
+        "brightness": column(1),
+        "contrast": column(2),
+        "saturation": column(3),
+        "hue": column(4),
+        "jitter_order": [ops[:, 5 + k].astype(jnp.int32)[:, None, None, None] for k in range(4)],
+        "grayscale": column(9) > 0.5,
+        "blur": column(10) > 0.5,
+        "blur_sigma": ops[:, 11],
+        "solarize": column(12) > 0.5,
     }
 
 
 def _luma(x):
-    return (x @ _LUMA)[..., None]
+    return jnp.sum(x * _LUMA, axis=-1, keepdims=True)
 
 
 def _blend(x, factor, reference):
@@ -55,63 +58,66 @@ def adjust_hue(x, delta):
 
 
 def _color_jitter(x, p):
-    brightness, contrast, saturation = p["factors"][0], p["factors"][1], p["factors"][2]
-    ops = (
-        lambda y: jnp.minimum(y * brightness, 1.0),
-        lambda y: _blend(y, contrast, jnp.mean(_luma(y))),
-        lambda y: _blend(y, saturation, _luma(y)),
-        lambda y: adjust_hue(y, p["hue"]),
-    )
-    for position in range(4):
-        x = jax.lax.switch(p["jitter_order"][position], ops, x)
+    """Per example, the four ops in its own order: each position selects among the four."""
+    for order in p["jitter_order"]:
+        candidates = (
+            jnp.minimum(x * p["brightness"], 1.0),
+            _blend(x, p["contrast"], jnp.mean(_luma(x), axis=(1, 2, 3), keepdims=True)),
+            _blend(x, p["saturation"], _luma(x)),
+            adjust_hue(x, p["hue"]),
+        )
+        x = jnp.select([order == i for i in range(4)], candidates)
     return x
 
 
 def _gaussian_blur(x, sigma, kernel_size: int):
-    """Separable blur, zero padding with the kernel renormalised at the borders (as TF's)."""
+    """Separable blur of [B, H, W, 3] with one sigma per example; zero padding with the
+    kernel renormalised at the borders (as augment.gaussian_blur)."""
     radius = kernel_size // 2
     t = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-    kernel = jnp.exp(-(t**2) / (2.0 * sigma**2))
-    kernel = kernel / kernel.sum()
+    kernel = jnp.exp(-(t**2) / (2.0 * sigma[:, None] ** 2))
+    kernel = kernel / kernel.sum(-1, keepdims=True)  # [B, taps]
 
-    def blur_axis(y, axis):
+    def blur_axis(y, axis):  # axis 1 (height) or 2 (width)
         length = y.shape[axis]
-        pad = [(0, 0)] * y.ndim
+        pad = [(0, 0)] * 4
         pad[axis] = (radius, radius)
-        padded = jnp.pad(y, pad)
-        ones = jnp.pad(jnp.ones(length), (radius, radius))
-        out = sum(
-            kernel[i] * jax.lax.slice_in_dim(padded, i, i + length, axis=axis)
-            for i in range(kernel_size)
-        )
-        mass = sum(kernel[i] * ones[i : i + length] for i in range(kernel_size))
-        shape = [1] * y.ndim
-        shape[axis] = length
-        return out / mass.reshape(shape)
+        padded, ones = jnp.pad(y, pad), jnp.pad(jnp.ones(length), (radius, radius))
+        shape = [-1, 1, 1, 1]
+        out, mass = 0.0, 0.0
+        for i in range(kernel_size):
+            weight = kernel[:, i].reshape(shape)
+            out = out + weight * jax.lax.slice_in_dim(padded, i, i + length, axis=axis)
+            line = [1, 1, 1, 1]
+            line[axis] = length
+            mass = mass + weight * ones[i : i + length].reshape(line)
+        return out / mass
 
-    return blur_axis(blur_axis(x, 0), 1)
+    return blur_axis(blur_axis(x, 1), 2)
 
 
-def apply_pixel_ops(image, ops, view):
-    """One uint8 [H, W, 3] crop (resized, flipped) + its float32[13] draws -> float [0, 1]."""
+def apply_pixel_ops(images, ops, view):
+    """uint8 [B, H, W, 3] crops (resized, flipped) + float32 [B, 13] draws -> float [0, 1].
+
+    Batched with per-example parameters and selects (no vmap of conditionals), so it runs
+    under explicitly sharded batches.
+    """
     p = _unpack(ops)
-    x = image.astype(jnp.float32) / 255.0
-    identity = lambda y: y
+    x = images.astype(jnp.float32) / 255.0
     if view.jitter_prob > 0:
-        x = jax.lax.cond(p["jitter"], lambda y: _color_jitter(y, p), identity, x)
+        x = jnp.where(p["jitter"], _color_jitter(x, p), x)
     if view.grayscale_prob > 0:
-        x = jax.lax.cond(p["grayscale"], lambda y: jnp.broadcast_to(_luma(y), y.shape), identity, x)
+        x = jnp.where(p["grayscale"], jnp.broadcast_to(_luma(x), x.shape), x)
     if view.blur_prob > 0:
-        blur = lambda y: _gaussian_blur(y, p["blur_sigma"], blur_taps(view))
-        x = jax.lax.cond(p["blur"], blur, identity, x)
+        x = jnp.where(p["blur"], _gaussian_blur(x, p["blur_sigma"], blur_taps(view)), x)
     if view.solarize_prob > 0:
-        x = jax.lax.cond(p["solarize"], lambda y: jnp.minimum(y, 1.0 - y), identity, x)
+        x = jnp.where(p["solarize"], jnp.minimum(x, 1.0 - x), x)
     return x
 
 
 def finish_view(images, ops, view, dtype=jnp.float32):
     """A batch uint8 [B, H, W, 3] + float32 [B, 13] -> normalised [B, H, W, 3] for the model."""
-    x = jax.vmap(lambda i, o: apply_pixel_ops(i, o, view))(images, ops)
+    x = apply_pixel_ops(images, ops, view)
     return normalize(jnp.round(x * 255.0), dtype)  # the host path's uint8 rounding
 
 
