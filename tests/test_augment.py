@@ -261,3 +261,17 @@ def test_device_hue_matches_tf():
         np.testing.assert_allclose(
             device_ops.adjust_hue(jnp.asarray(rgb), delta), expected, atol=1e-5
         )
+
+
+def test_decode_rgb_from_cmyk_gray_and_png():
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    rgb[:, :16], rgb[:, 16:] = (200, 30, 30), (20, 180, 60)
+    for mode, fmt in [("CMYK", "JPEG"), ("L", "JPEG"), ("RGB", "PNG")]:
+        buffer = io.BytesIO()
+        Image.fromarray(rgb).convert(mode).save(buffer, fmt)
+        expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+        decoded = augment.decode_rgb(tf.constant(buffer.getvalue())).numpy()
+        assert decoded.shape == (32, 32, 3), mode
+        assert np.abs(decoded.astype(int) - expected).max() <= 1, mode
+        window = tf.constant([4, 4, 8, 8])
+        assert augment.decode_and_crop(tf.constant(buffer.getvalue()), window).shape == (8, 8, 3)
