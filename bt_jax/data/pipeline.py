@@ -202,7 +202,7 @@ class SkipCounter:
 
 
 class PretrainBatches:
-    """Iterable of host-local {"view1", "view2"} uint8 batches, forever (see the module doc).
+    """Iterable of host-local {"view1", "view2"} uint8 batches, forever (see pretrain_batches).
 
     Attributes: steps_per_epoch, num_streams, local_streams (this process's), num_examples
     (of the split), local_batch, num_skipped (undecodable images skipped so far).
@@ -257,7 +257,10 @@ def pretrain_batches(
     k (counting from 0, over epochs of `.steps_per_epoch`) depends only on the dataset, seed,
     num_streams and k. start_step resumes at step start_step exactly. process_index /
     process_count default to jax's; pass them to simulate processes. with_ids adds the
-    examples' TFDS "id" feature (bytes[B]), for debugging and tests.
+    examples' TFDS "id" feature (bytes[B]), for debugging and tests. With
+    views_cfg.pixel_ops == "device" the views are only cropped, resized and flipped, and
+    "view1_ops" / "view2_ops" (float32[B, 13]) go with them: finish them in the train step
+    with `bt_jax.data.device_ops.finish_views(batch, views_cfg)` instead of normalize().
     """
     index, count = resolve_processes(process_index, process_count)
     if global_batch % count:
