@@ -47,17 +47,18 @@ def _prepared_in(data_dir: str | None) -> list[str]:
 def open_builder(dataset: str, data_dir: str | None):
     """The TFDS builder of a prepared dataset, or a ValueError naming what exists."""
     data_dir = resolve_data_dir(dataset, data_dir)
-    prepared = _prepared_in(data_dir)
     where = data_dir or "the TFDS default data_dir"
     try:
         builder = tfds.builder(dataset, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError, bad config names, ...
+        prepared = _prepared_in(data_dir)
         close = difflib.get_close_matches(dataset, prepared + tfds.list_builders(), n=5)
         raise ValueError(
             f"unknown TFDS dataset {dataset!r} in {where}. Prepared there: {prepared or 'none'}. "
             f"Close names: {close or 'none'}. ({type(e).__name__}: {str(e).splitlines()[0]})"
         ) from None
     if not builder.is_prepared():
+        prepared = _prepared_in(data_dir)
         raise ValueError(
             f"TFDS dataset {dataset!r} is not prepared in {where} (looked for {builder.data_dir}). "
             f"Prepared there: {prepared or 'none'}. Prepare it with `tfds build {dataset} "
