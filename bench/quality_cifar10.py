@@ -71,7 +71,7 @@ def make_config(args):
     config.train.epochs = args.epochs
     config.train.stop_after_steps = args.stop_after_steps
     config.train.log_every_steps = 25
-    config.train.checkpoint_every_steps = 10**9  # only the final one
+    config.train.checkpoint_every_steps = 100  # a crashed run resumes from its workdir
     config.train.async_checkpoints = False
     config.data.dataset = DATASET
     config.data.data_dir = args.data_dir
@@ -176,6 +176,9 @@ def main(argv=None) -> dict:
     train_config = (
         monitored(config, args.monitor_every_epochs) if args.monitor_every_epochs else config
     )
+    mesh = distributed.make_mesh()
+    with jax.set_mesh(mesh):  # before the job: its kNN monitor uses the same function
+        patched = _patch_knn_if_needed(mesh)
     result = pretrain.train_and_evaluate(train_config, workdir)
     train_seconds = time.perf_counter() - t0
     steps = int(result["step"])
@@ -187,7 +190,6 @@ def main(argv=None) -> dict:
     )
 
     # The final state, restored from the run's checkpoint exactly as the job left it.
-    mesh = distributed.make_mesh()
     model = pretrain.build_model(config.model)
     tx, _ = optim.make_optimizer(
         config.optim, global_batch=args.batch, warmup_steps=1, total_steps=steps + 1
@@ -203,8 +205,6 @@ def main(argv=None) -> dict:
         state, _ = ckpt.restore(ckpt.latest_step(), abstract)
         ckpt.close()
         fresh = jax.jit(init, out_shardings=replicated)()
-
-        patched = _patch_knn_if_needed(mesh)
 
         def backbone_vars(s):
             return {"params": s.params["backbone"], "batch_stats": s.batch_stats["backbone"]}
