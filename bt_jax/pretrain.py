@@ -28,7 +28,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from bt_jax import checkpoint, distributed, knn, losses, optim, reporting
-from bt_jax.data import normalize, pretrain_batches
+from bt_jax.data import pretrain_batches
+from bt_jax.data.device_ops import finish_views
 from bt_jax.models import barlow_twins
 
 
@@ -54,19 +55,23 @@ def build_model(model_cfg):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "tx", "loss_cfg", "mesh", "nan_at"), donate_argnums=0
+    jax.jit,
+    static_argnames=("model", "tx", "loss_cfg", "views_cfg", "mesh", "nan_at"),
+    donate_argnums=0,
 )
-def train_step(state: TrainState, batch, *, model, tx, loss_cfg, mesh, nan_at=-1):
-    """One LARS step on a global batch {"view1", "view2"} of uint8 images."""
+def train_step(state: TrainState, batch, *, model, tx, loss_cfg, views_cfg, mesh, nan_at=-1):
+    """One LARS step on a global batch {"view1", "view2"} of uint8 images.
+
+    With views_cfg.pixel_ops == "device" the batch also holds each example's colour-jitter /
+    grayscale / blur / solarize draws, applied here on the accelerator (the host only
+    decodes, crops and flips); otherwise the views arrive finished and are only normalised.
+    """
+    view1, view2 = finish_views(batch, views_cfg)
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         (z1, z2), new_vars = model.apply(
-            variables,
-            normalize(batch["view1"]),
-            normalize(batch["view2"]),
-            train=True,
-            mutable=["batch_stats"],
+            variables, view1, view2, train=True, mutable=["batch_stats"]
         )
         terms = losses.barlow_twins_terms(
             z1, z2, lambd=loss_cfg.lambd, mesh=mesh, strategy=loss_cfg.strategy
@@ -240,6 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         model=model,
         tx=tx,
         loss_cfg=ml_collections.FrozenConfigDict(config.loss),
+        views_cfg=ml_collections.FrozenConfigDict(config.augment),
         mesh=mesh,
         nan_at=config.train.debug_nan_at_step,
     )

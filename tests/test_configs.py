@@ -34,6 +34,7 @@ def test_imagenet_recipe():
     assert (c.train.global_batch, c.train.epochs) == (2048, 1000)
     # Data and augmentations (BYOL parameters)
     assert c.data.dataset == "imagenet2012"
+    assert c.augment.pixel_ops == "device"  # colour ops on the accelerators
     assert (c.data.train_split, c.data.eval_split) == ("train", "validation")
     for view, blur, solarize in [(c.augment.view1, 1.0, 0.0), (c.augment.view2, 0.1, 0.2)]:
         assert view.image_size == 224
