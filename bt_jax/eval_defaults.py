@@ -57,6 +57,9 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
     backbone lr 0.005, head lr 0.5 (batch 256, scaled linearly), weight decay 0, 20 epochs."""
     cfg = ml_collections.ConfigDict(
         dict(
+            # labelled fraction: 0 = the dataset's train split as it is (ImageNet: the TFDS
+            # imagenet2012_subset/1pct or /10pct); > 0 = a stratified fraction of it
+            fraction=0.0,
             epochs=20,
             global_batch=256,
             lr_backbone=0.005,

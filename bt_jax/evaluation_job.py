@@ -129,7 +129,7 @@ def start(config, workdir: str, protocol: str) -> Job:
 
 
 def opt_config(opt: dict, epochs: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(lr_backbone=0.0, **opt, epochs=epochs))
+    return ml_collections.ConfigDict({"lr_backbone": 0.0, **opt, "epochs": epochs})
 
 
 def initial_state(
