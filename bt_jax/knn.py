@@ -48,33 +48,48 @@ def extract(backbone, variables, batches, mesh):
 
 
 def _vote_counts(
-    bank, bank_labels, bank_mask, queries, query_labels, query_mask, *, k, temperature, num_classes
+    bank,
+    bank_labels,
+    bank_mask,
+    queries,
+    query_labels,
+    query_mask,
+    *,
+    k,
+    temperature,
+    num_classes,
 ):
-    """shard_map body: (top-1 correct, top-5 correct, valid) counts for one query batch."""
+    """shard_map body: (top-1 correct, top-5 correct, valid) counts for one query batch.
+
+    Every device ranks all queries against its own bank rows; an all-to-all then hands each
+    device the candidates of its own queries from every device, which it merges and votes on.
+    """
     bank = bank.reshape(-1, bank.shape[-1])  # this device's rows of every bank batch
     bank_labels, bank_mask = bank_labels.reshape(-1), bank_mask.reshape(-1)
-    queries = jax.lax.all_gather(queries, AXIS, tiled=True)
-    query_labels = jax.lax.all_gather(query_labels, AXIS, tiled=True)
-    query_mask = jax.lax.all_gather(query_mask, AXIS, tiled=True)
+    all_queries = jax.lax.all_gather(queries, AXIS, tiled=True)
 
-    sims = jnp.einsum("qf,bf->qb", queries, bank, precision=jax.lax.Precision.HIGHEST)
+    sims = jnp.einsum("qf,bf->qb", all_queries, bank, precision=jax.lax.Precision.HIGHEST)
     sims = jnp.where(bank_mask[None, :], sims, -jnp.inf)
-    local_k = min(k, sims.shape[1])
-    top_sims, top_idx = jax.lax.top_k(sims, local_k)
+    top_sims, top_idx = jax.lax.top_k(sims, min(k, sims.shape[1]))
     top_labels = bank_labels[top_idx]
-    # Merge the per-device candidates: [W, Q, k] -> [Q, W k] -> global top k.
-    all_sims = jax.lax.all_gather(top_sims, AXIS, axis=1, tiled=True)
-    all_labels = jax.lax.all_gather(top_labels, AXIS, axis=1, tiled=True)
-    top_sims, idx = jax.lax.top_k(all_sims, min(k, all_sims.shape[1]))
-    top_labels = jnp.take_along_axis(all_labels, idx, axis=1)
+    # [Q, k] per device -> [Q / W, W k]: this device's queries, candidates from every device.
+    top_sims = jax.lax.all_to_all(top_sims, AXIS, split_axis=0, concat_axis=1, tiled=True)
+    top_labels = jax.lax.all_to_all(top_labels, AXIS, split_axis=0, concat_axis=1, tiled=True)
+    top_sims, idx = jax.lax.top_k(top_sims, min(k, top_sims.shape[1]))
+    top_labels = jnp.take_along_axis(top_labels, idx, axis=1)
 
     weights = jnp.where(jnp.isfinite(top_sims), jnp.exp(top_sims / temperature), 0.0)
     votes = jnp.einsum("qk,qkc->qc", weights, jax.nn.one_hot(top_labels, num_classes))
-    _, ranked = jax.lax.top_k(votes, min(5, num_classes))
-    hit = ranked == query_labels[:, None]
-    top1 = jnp.sum(hit[:, 0] & query_mask)
-    top5 = jnp.sum(jnp.any(hit, axis=1) & query_mask)
-    return top1, top5, jnp.sum(query_mask)
+    ranked_votes, ranked = jax.lax.top_k(votes, min(5, num_classes))
+    # A class without a single vote is not a prediction (with k < 5 neighbours, or few
+    # classes among them, top-5 would otherwise be filled by index order).
+    hit = (ranked == query_labels[:, None]) & (ranked_votes > 0)
+    counts = (
+        jnp.sum(hit[:, 0] & query_mask),
+        jnp.sum(jnp.any(hit, axis=1) & query_mask),
+        jnp.sum(query_mask),
+    )
+    return jax.lax.psum(counts, AXIS)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "k", "temperature", "num_classes"))

@@ -57,7 +57,9 @@ def compilation_cache(tmp_path_factory):
 def reference(tmp_path_factory):
     """An uninterrupted 12-step run on 1 process x 8 devices."""
     workdir = tmp_path_factory.mktemp("reference")
-    result = run_main(workdir, *COMMON, f"--config.train.stop_after_steps={STEPS}")
+    result = run_main(
+        workdir, *COMMON, f"--config.train.stop_after_steps={STEPS}", "--config.knn.at_end=True"
+    )
     return workdir, result
 
 
@@ -83,6 +85,11 @@ def test_reference_run_reports_progress_and_metrics(reference):
     assert first["lr_weights"] == 0.0  # warm-up starts at 0, as the official schedule
     assert "ETA" in result.stdout and "[pretrain] step 12/12" in result.stdout
     assert os.path.isdir(os.path.join(workdir, "tensorboard"))
+    knn_rows = read_metrics(workdir, tag="knn")
+    assert [r["step"] for r in knn_rows] == [STEPS]
+    assert 0 <= knn_rows[0]["knn_top1"] <= knn_rows[0]["knn_top5"] <= 100
+    assert knn_rows[0]["knn_num_queries"] == 1000  # the embedded test split, counted once
+    assert "kNN (k=200, backbone features, cifar10_jpeg_mini)" in result.stdout
     _, meta, step = final_params(workdir)
     assert step == STEPS and meta["data"]["next_step"] == STEPS
     assert meta["config"]["model"]["projector"] == "64-64"
