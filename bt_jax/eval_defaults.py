@@ -7,6 +7,7 @@ Protocol hyper-parameters are the official evaluate.py's; configs/*.py state wha
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 
 from bt_jax.data.config import data_config
 from bt_jax.defaults import knn_config
@@ -77,5 +78,33 @@ def finetune_config(**overrides) -> ml_collections.ConfigDict:
 
 def knn_job_config(**overrides) -> ml_collections.ConfigDict:
     cfg = knn_config()
+    cfg.update(overrides)
+    return cfg
+
+
+def transfer_config(**overrides) -> ml_collections.ConfigDict:
+    """Transfer to another dataset: which protocols, at what resolution, scored how."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            protocols=("linear", "finetune"),  # or ("svm",) for multi-label datasets
+            metric="top1",  # the dataset's convention: "top1" or "mean_per_class"
+            image_size=224,
+            eval_batch=256,
+            # logistic regression on frozen features (L-BFGS), L2 chosen on a held-out part
+            linear=dict(
+                heldout_fraction=0.2,
+                l2_grid=tuple(float(v) for v in 10.0 ** -np.arange(0.0, 7.0)),
+                max_iter=500,
+            ),
+            # per-class linear SVMs (multi-label); labels from these features
+            svm=dict(
+                costs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
+                folds=3,
+                max_iter=1000,
+            ),
+            label_key="labels",
+            positive_key="labels_no_difficult",
+        )
+    )
     cfg.update(overrides)
     return cfg

@@ -104,9 +104,15 @@ class Job:
             f"{b['workdir']} step {b['step']}, {self.config.data.dataset}):"
         )
         for key, value in results.items():
-            self.say(f"  {key} = {value:.2f}" if isinstance(value, float) else f"  {key} = {value}")
+            self.say(f"  {key} = {_format(value)}")
         self.say(f"written to {os.path.join(self.workdir, RESULTS)}")
         return results
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if 0 < abs(value) < 0.01 else f"{value:.2f}"
+    return str(value)
 
 
 def start(config, workdir: str, protocol: str) -> Job:

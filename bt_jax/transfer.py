@@ -1,0 +1,98 @@
+r"""The transfer job: the pretrained backbone on another labelled dataset, by TFDS name.
+
+  python -m bt_jax.main --config=configs/transfer_caltech101.py --workdir=W \
+      --config.pretrained_workdir=PRETRAIN_W
+
+Protocols (config.transfer.protocols):
+  "linear": multinomial logistic regression on frozen center-crop features, its L2 strength
+    chosen on a stratified held-out part of the train split, refit on all of it
+    (bt_jax/linear_probe.py). Results transfer_linear_top1 / _top5 / _mean_per_class.
+  "finetune": every layer trained on the train split with config.finetune's recipe (as the
+    semi-supervised job). Results transfer_finetune_top1_last / _best, ...
+  "svm": multi-label datasets (VOC07): one linear SVM per class on frozen features, its cost
+    cross-validated on AP; result transfer_svm_map (percent).
+config.transfer.metric names the dataset's convention ("top1", or "mean_per_class" for
+Caltech-101 and similar): it picks the L2 strength and is repeated as transfer_<p>_metric.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from bt_jax import classifier, evaluation_job, features, linear_probe, multilabel, semi_supervised
+from bt_jax.data import eval_batches
+
+PROTOCOLS = ("linear", "finetune", "svm")
+
+
+def _features(config, job, split, multi_label: bool):
+    cfg = config.transfer
+    if multi_label:
+        batches = multilabel.multilabel_batches(
+            config.data,
+            split,
+            global_batch=cfg.eval_batch,
+            image_size=cfg.image_size,
+            label_key=cfg.label_key,
+            positive_key=cfg.positive_key,
+        )
+    else:
+        batches = eval_batches(
+            config.data, split, global_batch=cfg.eval_batch, image_size=cfg.image_size
+        )
+    with jax.set_mesh(job.mesh):
+        variables = evaluation_job.replicate(job.backbone.variables, job.mesh)
+        x, y = features.extract(job.backbone.module, variables, batches, job.mesh)
+    return (x, y), batches.num_classes
+
+
+def run(config, workdir: str) -> dict:
+    cfg = config.transfer
+    unknown = set(cfg.protocols) - set(PROTOCOLS)
+    if unknown or not cfg.protocols:
+        raise ValueError(f"transfer.protocols must be some of {PROTOCOLS}; got {cfg.protocols}")
+    multi_label = "svm" in cfg.protocols
+    if multi_label and set(cfg.protocols) != {"svm"}:
+        raise ValueError("the 'svm' protocol (multi-label datasets) runs alone")
+    if cfg.metric not in ("top1", "mean_per_class"):
+        raise ValueError(f"transfer.metric must be top1 or mean_per_class; got {cfg.metric!r}")
+    job = evaluation_job.start(config, workdir, "transfer")
+    data, results = config.data, {}
+    if "linear" in cfg.protocols or multi_label:
+        train, num_classes = _features(config, job, data.train_split, multi_label)
+        test, _ = _features(config, job, data.eval_split, multi_label)
+        job.say(
+            f"frozen {job.backbone.label} features ({train[0].shape[1]}-d) of "
+            f"{data.dataset}: {len(train[0])} train [{data.train_split}], {len(test[0])} test "
+            f"[{data.eval_split}], {num_classes} classes"
+        )
+    if multi_label:
+        with jax.set_mesh(job.mesh):
+            mean_ap, costs, ap = linear_probe.svm_probe(
+                train, test, cfg.svm, job.mesh, seed=config.seed, say=job.say
+            )
+        results.update(transfer_svm_map=mean_ap, transfer_svm_num_test=len(test[0]))
+        results["transfer_svm_ap_per_class"] = [round(100 * float(a), 2) for a in ap]
+        results["transfer_svm_costs"] = [float(c) for c in costs]
+    if "linear" in cfg.protocols:
+        job.say(f"logistic regression, L2 chosen on a held-out {cfg.linear.heldout_fraction:.0%}")
+        with jax.set_mesh(job.mesh):
+            result, l2, scores = linear_probe.logistic_probe(
+                train,
+                test,
+                num_classes,
+                cfg.linear,
+                job.mesh,
+                seed=config.seed,
+                metric=cfg.metric,
+                say=job.say,
+            )
+        results.update({f"transfer_linear_{k}": v for k, v in result.items()})
+        results["transfer_linear_metric"] = result[cfg.metric]
+        results["transfer_linear_l2"] = l2
+    if "finetune" in cfg.protocols:
+        history, examples = semi_supervised.finetune(config, job, data, name="transfer_finetune")
+        summary = classifier.summarise(history, "transfer_finetune")
+        results.update(summary)
+        results["transfer_finetune_metric_last"] = history[-1][cfg.metric]
+    return job.finish(results, metric=cfg.metric, protocols=list(cfg.protocols))

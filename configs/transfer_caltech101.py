@@ -1,0 +1,42 @@
+r"""Transfer to Caltech-101: linear probe on frozen features and full fine-tuning.
+
+Dataset: caltech101_jpeg (TFDS format, 101 classes, 5,784 train / 2,893 test images in a
+fixed ~2:1 per-class split; /work/shared/tfds on the project machines). Score: mean
+per-class accuracy (Caltech-101's convention; top-1 is reported too).
+linear: multinomial logistic regression on center-crop features, L2 chosen among
+1, 0.1, ..., 1e-6 on a stratified 20 % held out from train, then refit on all of train.
+finetune: every layer, BN in train mode, SGD momentum 0.9, cosine per epoch, backbone lr
+0.005 / head lr 0.5 at batch 256 (the semi-supervised recipe), 20 epochs.
+
+Commands (from the repository root):
+
+  python -m bt_jax.main --config=configs/transfer_caltech101.py --workdir=/tmp/bt_caltech \
+      --config.pretrained_workdir=/ckpt/bt_imagenet --config.data.data_dir=/work/shared/tfds
+
+  # the quickstart run (a 32 px CIFAR backbone): variant "quickstart" at 64 px, 5 epochs of
+  # fine-tuning (about 10 minutes on 2 CPU cores)
+  python -m bt_jax.main --config=configs/transfer_caltech101.py:quickstart \
+      --workdir=/tmp/bt_qs_caltech --config.pretrained_workdir=/tmp/bt_quickstart \
+      --config.data.data_dir=/work/shared/tfds
+
+Expected: results.json with transfer_linear_mean_per_class, transfer_linear_top1,
+transfer_finetune_mean_per_class_last, ... For the quickstart toy backbone see
+docs/benchmarks.md, section "Evaluation". (No published Barlow Twins number uses this split.)
+"""
+
+from bt_jax.data.config import data_config
+from bt_jax.eval_defaults import eval_config, finetune_config, transfer_config
+
+
+def get_config(variant: str = ""):
+    config = eval_config("transfer")
+    config.data = data_config("caltech101_jpeg", data_dir="/work/shared/tfds")
+    config.transfer = transfer_config(metric="mean_per_class")
+    config.finetune = finetune_config()
+    if variant == "quickstart":
+        config.transfer.image_size = 64
+        config.finetune.update(image_size=64, epochs=5)
+        config.log_every_steps = 10
+    elif variant:
+        raise ValueError(f"unknown transfer_caltech101 variant {variant!r}; the one is quickstart")
+    return config
