@@ -1,0 +1,225 @@
+"""The evaluation protocols' pieces against their definitions: schedule, SGD, frozen vs
+fine-tuned steps, masking, counts, stratified fractions, AP, the probes, multi-label data."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from bt_jax import classifier, distributed, features, linear_probe, subsets
+from bt_jax.data import data_config
+from bt_jax.models import resnet
+
+
+def test_epoch_cosine_is_torch_cosine_annealing_stepped_per_epoch():
+    schedule = classifier.epoch_cosine(0.3, steps_per_epoch=3, epochs=5)
+    got = [float(schedule(s)) for s in range(15)]
+    want = [0.3 * (1 + math.cos(math.pi * e / 5)) / 2 for e in range(5) for _ in range(3)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_torch_sgd_update_order():
+    """torch.optim.SGD(momentum=0.9, weight_decay=wd) with an LR that changes per step."""
+    lrs = [0.3, 0.2, 0.1]
+    tx = classifier.torch_sgd(lambda step: jnp.asarray(lrs)[step], 0.9, 0.01)
+    p = jnp.array([1.0, -2.0])
+    state = tx.init(p)
+    ref_p, buf = np.array([1.0, -2.0]), None
+    for step, g in enumerate([np.array([0.5, 0.1]), np.array([-0.2, 0.3]), np.array([1.0, 1.0])]):
+        updates, state = tx.update(jnp.asarray(g), state, p)
+        p = p + updates
+        d = g + 0.01 * ref_p
+        buf = d if buf is None else 0.9 * buf + d
+        ref_p = ref_p - lrs[step] * buf
+    np.testing.assert_allclose(np.asarray(p), ref_p, rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    module = resnet("resnet18", width=0.125, cifar_stem=True, stage_sizes=(1, 1))
+    images = jnp.zeros((1, 8, 8, 3))
+    variables = jax.jit(lambda k: module.init(k, images, train=False))(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 255, (16, 8, 8, 3), dtype=np.uint8),
+        "label": rng.integers(0, 3, 16).astype(np.int32),
+        "mask": np.ones(16, bool),
+    }
+    return module, variables, batch
+
+
+def _opt(finetune):
+    cfg = ml_collections.ConfigDict(
+        dict(lr_head=0.5, lr_backbone=0.05, momentum=0.9, weight_decay=0.0, epochs=2)
+    )
+    return classifier.make_optimizer(cfg, 4, finetune=finetune)
+
+
+@pytest.mark.parametrize("finetune", [False, True])
+def test_frozen_backbone_never_changes_fine_tuned_one_does(tiny, finetune):
+    module, variables, batch = tiny
+    tx, _ = _opt(finetune)
+    state = classifier.init_state(variables, module.num_features, 3, tx, finetune=finetune)
+    before = jax.tree.map(np.asarray, state)
+    new, metrics = classifier.train_step(
+        state, batch, backbone=module, num_classes=3, tx=tx, finetune=finetune
+    )
+    assert np.isfinite(float(metrics["loss"]))
+
+    def same(a, b):
+        pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+        return all(np.array_equal(x, np.asarray(y)) for x, y in pairs)
+
+    assert not same(before.params["head"], new.params["head"])
+    assert same(before.params["backbone"], new.params["backbone"]) != finetune
+    assert same(before.batch_stats, new.batch_stats) != finetune  # BN train mode updates
+    assert np.std(np.asarray(before.params["head"]["kernel"])) == pytest.approx(0.01, rel=0.3)
+    assert not np.asarray(before.params["head"]["bias"]).any()
+
+
+def test_padded_rows_neither_train_nor_count():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 8).astype(np.int32)
+    tx, _ = _opt(False)
+    state = classifier.init_state({}, 4, 3, tx, finetune=False)
+    clean = {"image": x, "label": y, "mask": np.ones(8, bool)}
+    padded = {
+        "image": np.concatenate([x, 100 * np.ones((8, 4), np.float32)]),
+        "label": np.concatenate([y, np.zeros(8, np.int32)]),
+        "mask": np.arange(16) < 8,
+    }
+    kw = dict(backbone=None, num_classes=3, tx=tx, finetune=False)
+    a, _ = classifier.train_step(state, clean, **kw)
+    state = classifier.init_state({}, 4, 3, tx, finetune=False)
+    b, _ = classifier.train_step(state, padded, **kw)
+    np.testing.assert_allclose(a.params["head"]["kernel"], b.params["head"]["kernel"], atol=1e-6)
+    counts = classifier.eval_counts(b.params, {}, padded, backbone=None, num_classes=3)
+    assert int(counts["count"]) == 8 and int(counts["class_count"].sum()) == 8
+
+
+def test_evaluate_reports_mean_per_class_over_present_classes():
+    mesh = distributed.make_mesh()
+    head = {"kernel": jnp.eye(3, 4), "bias": jnp.zeros(4)}  # predicts argmax of x
+    x = np.eye(3, dtype=np.float32)[[0, 0, 0, 1]]  # 3 of class 0 (right), 1 of class 2 (wrong)
+    y = np.array([0, 0, 0, 2], np.int32)
+    state = classifier.State(step=0, params={"head": head}, batch_stats={}, opt_state=None)
+    with jax.set_mesh(mesh):
+        batches = features.ordered_batches(x, y, global_batch=8)
+        got = classifier.evaluate(state, batches, mesh, backbone=None, num_classes=4)
+    assert got["num_examples"] == 4 and got["top1"] == 75.0
+    assert got["mean_per_class"] == 50.0  # classes 0 and 2 only: (100 + 0) / 2
+
+
+def test_stratified_fraction():
+    labels = np.repeat(np.arange(4), [10, 20, 3, 100])
+    idx = subsets.stratified_indices(labels, 0.1, seed=0)
+    assert np.bincount(labels[idx]).tolist() == [1, 2, 1, 10]  # at least one per class
+    assert (np.diff(idx) > 0).all()
+    assert not np.array_equal(idx, subsets.stratified_indices(labels, 0.1, seed=1))
+    with pytest.raises(ValueError, match="fraction"):
+        subsets.stratified_indices(labels, 0.0, seed=0)
+
+
+def test_shuffled_feature_batches_cover_each_row_once_per_epoch():
+    x = np.arange(10, dtype=np.float32)[:, None]
+    y = np.arange(10, dtype=np.int32)
+    seen = [
+        b["label"][b["mask"]]
+        for b in features.shuffled_batches(x, y, global_batch=4, seed=0, epoch=3)
+    ]
+    assert sorted(np.concatenate(seen).tolist()) == list(range(10)) and len(seen) == 3
+
+
+def test_average_precision():
+    scores = np.array([[0.9], [0.8], [0.7], [0.6], [0.95]])
+    labels = np.array([[1], [0], [1], [0], [-1]])  # the -1 ("difficult") is ignored
+    np.testing.assert_allclose(linear_probe.average_precision(scores, labels), [(1 + 2 / 3) / 2])
+    assert np.isnan(linear_probe.average_precision(scores, np.zeros_like(labels))[0])
+
+
+def test_probes_on_separable_data():
+    mesh = distributed.make_mesh()
+    rng = np.random.default_rng(0)
+    centers = 4 * rng.normal(size=(3, 6))
+    y = rng.integers(0, 3, 300).astype(np.int32)
+    x = (centers[y] + rng.normal(size=(300, 6))).astype(np.float32)
+    cfg = ml_collections.ConfigDict(dict(heldout_fraction=0.2, l2_grid=(1.0, 1e-3), max_iter=100))
+    with jax.set_mesh(mesh):
+        result, l2, scores = linear_probe.logistic_probe(
+            (x[:200], y[:200]),
+            (x[200:], y[200:]),
+            3,
+            cfg,
+            mesh,
+            seed=0,
+            metric="top1",
+            say=lambda _: None,
+        )
+    assert result["top1"] > 95 and result["num_examples"] == 100 and set(scores) == {1.0, 1e-3}
+
+    multi = (rng.normal(size=(300, 3)) > 0).astype(np.int8)  # class k present iff x_k > 0
+    xm = np.concatenate([np.where(multi, 1.0, -1.0), rng.normal(size=(300, 2))], 1)
+    xm = (xm + 0.1 * rng.normal(size=xm.shape)).astype(np.float32)
+    svm = ml_collections.ConfigDict(dict(costs=(0.1, 10.0), folds=3, max_iter=200))
+    with jax.set_mesh(mesh):
+        mean_ap, costs, ap = linear_probe.svm_probe(
+            (xm[:200], multi[:200]), (xm[200:], multi[200:]), svm, mesh, seed=0, say=print
+        )
+    assert mean_ap > 99 and len(costs) == 3 and ap.shape == (3,)
+
+
+def test_multilabel_batches(tmp_path):
+    from bt_jax import multilabel
+
+    label = tfds.features.Sequence(tfds.features.ClassLabel(num_classes=3))
+    feats = tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(encoding_format="jpeg"),
+            "labels": label,
+            "labels_no_difficult": label,
+        }
+    )
+    version = tmp_path / "multi" / "1.0.0"
+    version.mkdir(parents=True)
+    examples = [([0, 2], [2]), ([1], [1]), ([], []), ([0], [0]), ([2], [])]
+    with tf.io.TFRecordWriter(str(version / "multi-test.tfrecord-00000-of-00001")) as w:
+        for labels, positive in examples:
+            image = np.full((20, 24, 3), 7 * len(labels), np.uint8)
+            w.write(
+                feats.serialize_example(
+                    {"image": image, "labels": labels, "labels_no_difficult": positive}
+                )
+            )
+    tfds.folder_dataset.write_metadata(
+        data_dir=str(version),
+        features=feats,
+        split_infos=[tfds.core.SplitInfo(name="test", shard_lengths=[5], num_bytes=0)],
+        check_data=False,
+    )
+    cfg = data_config("multi", data_dir=str(tmp_path))
+    parts = [
+        list(
+            multilabel.multilabel_batches(
+                cfg, "test", global_batch=4, image_size=8, process_index=p, process_count=2
+            )
+        )
+        for p in range(2)
+    ]
+    assert [len(p) for p in parts] == [2, 2]  # 3 and 2 examples, batches of 2: equal counts
+    rows = [b["label"][b["mask"]] for p in parts for b in p]
+    np.testing.assert_array_equal(
+        np.concatenate(rows), [[-1, 0, 1], [0, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, -1]]
+    )
+    assert parts[0][0]["image"].shape == (2, 8, 8, 3)
+    with pytest.raises(ValueError, match="no multi-label feature 'objects'"):
+        multilabel.multilabel_batches(
+            cfg, "test", global_batch=4, image_size=8, label_key="objects"
+        )
+    assert os.path.isdir(version)
