@@ -90,55 +90,6 @@ def monitored(config, every_epochs: int):
     return config
 
 
-def _patch_knn_if_needed(mesh) -> bool:
-    """Work around bt_jax.knn's vote shard_map failing JAX's replication check.
-
-    knn._count_batch returns counts built from all_gather'ed values under out_specs=P();
-    lax.all_gather's result is typed as varying over the axis, so shard_map refuses it
-    ("could not infer replication") on every device count. The counts are in fact identical
-    on every device, so the same body with check_vma=False is exact. Applied only when the
-    library's own version fails on a tiny probe.
-    """
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
-
-    from bt_jax import knn
-
-    w = mesh.devices.size
-    probe = (
-        jnp.zeros((1, 2 * w, 4)),
-        jnp.zeros((1, 2 * w), jnp.int32),
-        jnp.ones((1, 2 * w), bool),
-        jnp.zeros((2 * w, 4)),
-        jnp.zeros((2 * w,), jnp.int32),
-        jnp.ones((2 * w,), bool),
-    )
-    specs = (P(None, knn.AXIS),) * 3 + (P(knn.AXIS),) * 3
-    probe = [
-        jax.device_put(x, jax.NamedSharding(mesh, s)) for x, s in zip(probe, specs, strict=True)
-    ]
-    try:
-        knn._count_batch(*probe, mesh=mesh, k=2, temperature=0.1, num_classes=2)
-        return False
-    except ValueError as err:
-        if "replication" not in str(err):
-            raise
-
-    @functools.partial(jax.jit, static_argnames=("mesh", "k", "temperature", "num_classes"))
-    def count_batch(bank, bank_labels, bank_mask, queries, labels, mask, *, mesh, k, **kw):
-        body = functools.partial(knn._vote_counts, k=k, **kw)
-        return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P(), check_vma=False)(
-            bank, bank_labels, bank_mask, queries, labels, mask
-        )
-
-    knn._count_batch = count_batch
-    print("note: bt_jax.knn's vote fails JAX's replication check; using it with check_vma=False")
-    return True
-
-
 def knn_top1(model, variables, config, mesh) -> dict:
     from bt_jax import knn
 
@@ -176,9 +127,6 @@ def main(argv=None) -> dict:
     train_config = (
         monitored(config, args.monitor_every_epochs) if args.monitor_every_epochs else config
     )
-    mesh = distributed.make_mesh()
-    with jax.set_mesh(mesh):  # before the job: its kNN monitor uses the same function
-        patched = _patch_knn_if_needed(mesh)
     result = pretrain.train_and_evaluate(train_config, workdir)
     train_seconds = time.perf_counter() - t0
     steps = int(result["step"])
@@ -190,6 +138,7 @@ def main(argv=None) -> dict:
     )
 
     # The final state, restored from the run's checkpoint exactly as the job left it.
+    mesh = distributed.make_mesh()
     model = pretrain.build_model(config.model)
     tx, _ = optim.make_optimizer(
         config.optim, global_batch=args.batch, warmup_steps=1, total_steps=steps + 1
@@ -232,7 +181,6 @@ def main(argv=None) -> dict:
         "knn_top5_random": float(random["top5"]),
         "knn_seconds": float(pretrained["seconds"] + random["seconds"]),
         "steps": steps,
-        "knn_check_vma_workaround": patched,
         "epochs": steps / 195 if args.batch == 256 else None,
         "final_loss": float(result.get("loss", float("nan"))),
         "steady_images_per_s": float(result.get("images_per_s", float("nan"))),

@@ -295,6 +295,7 @@ def step_entry(d: int, strategy: str, per_device_batch: int, args, mesh) -> dict
             model=model,
             tx=tx,
             loss_cfg=ml_collections.FrozenConfigDict(config.loss),
+            views_cfg=ml_collections.FrozenConfigDict(config.augment),
             mesh=mesh,
         ).compile()
     out = analyse(compiled, w, time.perf_counter() - t0)

@@ -171,6 +171,7 @@ def main(argv=None) -> dict:
         model=model,
         tx=tx,
         loss_cfg=ml_collections.FrozenConfigDict(config.loss),
+        views_cfg=ml_collections.FrozenConfigDict(config.augment),
         mesh=mesh,
     )
     replicated = distributed.replicated(mesh)
@@ -187,6 +188,7 @@ def main(argv=None) -> dict:
             model=model,
             tx=tx,
             loss_cfg=ml_collections.FrozenConfigDict(config.loss),
+            views_cfg=ml_collections.FrozenConfigDict(config.augment),
             mesh=mesh,
         ).compile()
         compile_s = time.perf_counter() - t0
