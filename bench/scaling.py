@@ -283,6 +283,13 @@ def step_entry(d: int, strategy: str, per_device_batch: int, args, mesh) -> dict
         sharding=NamedSharding(mesh, P("data")),
     )
     batch = {"view1": image, "view2": image}
+    if config.augment.get("pixel_ops", "host") == "device":
+        # the host sends each view's random draws; the step finishes the views on the device
+        # (float32[13] per view: bt_jax.data.augment.pack_device_params)
+        ops = jax.ShapeDtypeStruct(
+            (global_batch, 13), jnp.float32, sharding=NamedSharding(mesh, P("data"))
+        )
+        batch.update(view1_ops=ops, view2_ops=ops)
 
     def param_count(tree):
         return int(sum(x.size for x in jax.tree.leaves(tree)))
@@ -308,6 +315,7 @@ def step_entry(d: int, strategy: str, per_device_batch: int, args, mesh) -> dict
         arch=args.arch,
         image_size=args.image_size,
         dtype=config.model.dtype,
+        pixel_ops=config.augment.get("pixel_ops", "host"),
         params_backbone=param_count(state.params["backbone"]),
         params_projector=param_count(state.params["projector"]),
         opt_state_bytes=int(
