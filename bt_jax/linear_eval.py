@@ -12,6 +12,10 @@ linear.mode="fast_features" is a quick check, not the paper's protocol: the feat
 center crops of the train split are computed once, and the same head, optimizer and
 schedule train on them (no augmentation). Its results are named linear_fast_features_*.
 
+Augmented training batches come from config.data.num_streams streams (0 = one per
+process): fix it (e.g. 8) to train on the same batches on any number of processes.
+Evaluation counts every example exactly once either way.
+
 Everything lands in W: results.json (the summary, with the backbone and protocol), and
 metrics.jsonl / tensorboard (per-step loss and LR, per-epoch accuracy).
 """

@@ -9,6 +9,10 @@ SGD momentum 0.9, cosine per epoch, 20 epochs; RandomResizedCrop + flip for trai
 + center crop for the eval split. BN statistics are those of the global batch (the official
 run used DDP without SyncBN: statistics of each GPU's 32 images).
 
+Augmented training batches come from config.data.num_streams streams (0 = one per
+process): fix it (e.g. 8) to train on the same batches on any number of processes.
+Evaluation counts every example exactly once either way.
+
 The labelled fraction: ImageNet's 1 % / 10 % are the TFDS imagenet2012_subset/1pct and
 /10pct datasets (the SimCLR lists; config.finetune.fraction = 0 uses the dataset's train
 split as it is); for another dataset, fraction > 0 takes a stratified fraction of its train

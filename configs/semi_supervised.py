@@ -14,7 +14,7 @@ Commands (from the repository root):
   python -m bt_jax.main --config=configs/semi_supervised.py:10pct --workdir=/tmp/bt_semi10 \
       --config.pretrained_workdir=/ckpt/bt_imagenet
 
-  # the quickstart run: a stratified 10 % of the embedded set (500 images), 32 px
+  # the quickstart run: a stratified 10 % of the embedded set (500 images), 32 px, batch 64
   python -m bt_jax.main --config=configs/semi_supervised.py:quickstart \
       --workdir=/tmp/bt_qs_semi --config.pretrained_workdir=/tmp/bt_quickstart
 
@@ -33,7 +33,8 @@ def get_config(variant: str = ""):
         return config
     config = eval_config("semi_supervised", "cifar10_jpeg_mini")
     if variant == "quickstart":
-        config.finetune = finetune_config(fraction=0.1, image_size=32, epochs=20)
+        # 500 labelled images: batch 64 (learning rates scaled by 64 / 256) for 7 steps/epoch
+        config.finetune = finetune_config(fraction=0.1, image_size=32, global_batch=64)
         config.log_every_steps = 10
     elif variant == "smoke":
         config.finetune = finetune_config(
