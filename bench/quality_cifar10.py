@@ -181,7 +181,7 @@ def main(argv=None) -> dict:
         "knn_top5_random": float(random["top5"]),
         "knn_seconds": float(pretrained["seconds"] + random["seconds"]),
         "steps": steps,
-        "epochs": steps / 195 if args.batch == 256 else None,
+        "epochs": steps * args.batch / 50_000,
         "final_loss": float(result.get("loss", float("nan"))),
         "steady_images_per_s": float(result.get("images_per_s", float("nan"))),
         "setup": {
