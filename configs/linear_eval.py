@@ -23,8 +23,9 @@ Commands (from the repository root):
   ... --config.linear.mode=fast_features
 
 Expected: ImageNet, ResNet-50 after 1000 epochs: linear_top1 73.2, linear_top5 91.0 (paper;
-the README checkpoint 73.5 / 91.0). Quickstart (10 epochs): see docs/benchmarks.md,
-section "Evaluation": the pretrained backbone well above the random one.
+the README checkpoint 73.5 / 91.0). Quickstart, 10 epochs (measured, docs/benchmarks.md,
+Evaluation): linear_top1_last 31.5 % against 21.6 % on the random backbone (~3 min each on
+2 CPU cores); fast_features 33.4 % against 21.9 % (~30 s).
 """
 
 from bt_jax.data.config import data_config

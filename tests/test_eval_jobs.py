@@ -24,6 +24,7 @@ MINI_TRAIN = "train[:512]"  # 4 linear steps per epoch at batch 128: protocol, n
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for the job processes started here."""
     cache = str(tmp_path_factory.mktemp("jax_cache"))
     keys = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
     saved = {k: os.environ.get(k) for k in keys}
@@ -123,7 +124,7 @@ def test_transfer_linear_and_finetune(pretrained, tmp_path):
     config.data = load_config("configs/knn.py:smoke").data  # the embedded set stands in
     config.data.train_split = MINI_TRAIN
     config.transfer.update(image_size=16, eval_batch=128)
-    config.transfer.linear.update(l2_grid=(1e-2, 1e-4), max_iter=30)
+    config.transfer.linear.update(l2_grid=(1e-2, 1e-4), max_iter=10)
     config.finetune.update(image_size=16, epochs=1, global_batch=128, eval_batch=128)
     results = _run(config, tmp_path)
     assert results["transfer_linear_l2"] in (1e-2, 1e-4)
