@@ -14,14 +14,15 @@ Commands (from the repository root):
       --config.pretrained_workdir=/ckpt/bt_imagenet --config.data.data_dir=/work/shared/tfds
 
   # the quickstart run (a 32 px CIFAR backbone): variant "quickstart" at 64 px, 5 epochs of
-  # fine-tuning (about 10 minutes on 2 CPU cores)
+  # fine-tuning (the fine-tuning took 35 minutes on 2 loaded CPU cores)
   python -m bt_jax.main --config=configs/transfer_caltech101.py:quickstart \
       --workdir=/tmp/bt_qs_caltech --config.pretrained_workdir=/tmp/bt_quickstart \
       --config.data.data_dir=/work/shared/tfds
 
 Expected: results.json with transfer_linear_mean_per_class, transfer_linear_top1,
-transfer_finetune_mean_per_class_last, ... For the quickstart toy backbone see
-docs/benchmarks.md, section "Evaluation". (No published Barlow Twins number uses this split.)
+transfer_finetune_mean_per_class_last, ... (no published Barlow Twins number uses this
+split). Quickstart (measured, docs/benchmarks.md, Evaluation): transfer_linear_mean_per_class
+24.4 % (top-1 41.7 %) against 14.6 % (32.0 %) from a random backbone.
 """
 
 from bt_jax.data.config import data_config
