@@ -40,9 +40,15 @@ def commands(num_processes: int, devices_per_process: int, port: int, job_args: 
     return [
         (
             env,
-            [sys.executable, "-m", "bt_jax.main", *job_args,
-             f"--coordinator_address={coordinator}", f"--num_processes={num_processes}",
-             f"--process_id={i}"],
+            [
+                sys.executable,
+                "-m",
+                "bt_jax.main",
+                *job_args,
+                f"--coordinator_address={coordinator}",
+                f"--num_processes={num_processes}",
+                f"--process_id={i}",
+            ],
         )
         for i in range(num_processes)
     ]
@@ -75,8 +81,12 @@ def main(argv=None) -> int:
     procs, pumps = [], []
     for index, (env, cmd) in enumerate(plan):
         proc = subprocess.Popen(
-            cmd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1,
+            cmd,
+            env={**os.environ, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
         )
         procs.append(proc)
         pump = threading.Thread(target=_pump, args=(index, proc.stdout, sys.stdout), daemon=True)
@@ -102,8 +112,11 @@ def main(argv=None) -> int:
             remaining.discard(index)
             if rc != 0 and code == 0:
                 code = rc
-                print(f"[launch] process {index} exited with {rc}; stopping the others",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[launch] process {index} exited with {rc}; stopping the others",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 for other in remaining:  # they may wait in a collective forever
                     procs[other].kill()
     for pump in pumps:
