@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from e2e_eval import load_config, read_results, run_job, write_init_checkpoint
 
-from bt_jax import export
+from bt_jax import evaluation_job, export
 
 pytestmark = pytest.mark.slow
 
@@ -101,11 +101,13 @@ def test_fast_features_variant_is_labelled_and_refuses_to_overwrite(pretrained, 
     results = _run(config, tmp_path)
     assert all(k.startswith("linear_fast_features_") for k in results)
     assert read_results(tmp_path)["backbone"]["source"] == "random_init"
-    with pytest.raises(ValueError, match="already holds results.json"):
+    with pytest.raises(ValueError, match="already holds results.json, metrics.jsonl"):
         _run(config, tmp_path)
+    assert read_results(tmp_path)["results"] == pytest.approx(results)  # untouched
     config.overwrite = True
-    config.linear.epochs = 1
-    assert _run(config, tmp_path)["linear_fast_features_epochs"] == 1
+    evaluation_job.prepare_workdir(str(tmp_path), config)  # what a job does first
+    assert not (tmp_path / "results.json").exists()
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_semi_supervised_on_a_stratified_fraction(pretrained, tmp_path):
