@@ -24,11 +24,16 @@ CHECKPOINT_DIR = "checkpoints"
 # Orbax splits each replicated array into per-replica slices so that hosts write in
 # parallel; every slice shape costs a small XLA compile on the first save (~4 s for a
 # ResNet's ~150 distinct BN/conv shapes). Only arrays of >= 1 MiB per slice are worth it.
-ocp.type_handlers.register_type_handler(
-    jax.Array,
-    ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=1 << 20),
-    override=True,
-)
+_verbosity = logging.get_verbosity()
+logging.set_verbosity(logging.ERROR)  # the override is intended; orbax would warn every run
+try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=1 << 20),
+        override=True,
+    )
+finally:
+    logging.set_verbosity(_verbosity)
 
 
 def check_workdir(workdir: str) -> str:
