@@ -17,8 +17,9 @@ Commands (from the repository root):
 
 Expected: results.json with knn_top1 / knn_top5 / knn_num_queries. ImageNet: the paper
 publishes no kNN number; use it as a cheap, comparable signal between checkpoints. Quickstart
-(measured on the committed configs/quickstart.py run, 1,000 queries, ~30 s on 2 CPU cores):
-knn_top1 29.6 %, and 26.9 % with --config.random_init=True (docs/benchmarks.md, Evaluation).
+(measured on the committed configs/quickstart.py run, 1,000 queries, ~20 s on 2 CPU cores):
+knn_top1 28.7 % (equal to the run's own monitor), and 23.7 % with --config.random_init=True
+(docs/benchmarks.md, Evaluation).
 """
 
 from bt_jax.data.config import data_config

@@ -24,8 +24,8 @@ Commands (from the repository root):
 
 Expected: ImageNet, ResNet-50 after 1000 epochs: linear_top1 73.2, linear_top5 91.0 (paper;
 the README checkpoint 73.5 / 91.0). Quickstart, 10 epochs (measured, docs/benchmarks.md,
-Evaluation): linear_top1_last 31.5 % against 21.6 % on the random backbone (~3 min each on
-2 CPU cores); fast_features 33.4 % against 21.9 % (~30 s).
+Evaluation): linear_top1_last 29.0 % against 18.6 % on the random backbone (~1.5 min each
+on 2 CPU cores); fast_features 30.4 % against 17.8 % (~20 s).
 """
 
 from bt_jax.data.config import data_config

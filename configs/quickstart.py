@@ -1,6 +1,6 @@
 r"""Quickstart: Barlow Twins end to end in minutes on a laptop CPU, on the embedded dataset.
 
-A ResNet-18 at 1/4 width with the CIFAR stem, projector 512-512-512, trained for 10
+A ResNet-18 at 1/8 width with the CIFAR stem, projector 512-512-512, trained for 8
 epochs on cifar10_jpeg_mini (5,000 CIFAR-10 training images shipped inside the package,
 no download), then kNN-evaluated (k=200) on its 1,000 test images. Optimizer: the CIFAR
 (solo-learn) LARS settings, which learn much faster than the ImageNet ones at this scale.
@@ -9,9 +9,12 @@ Command (from the repository root):
 
   python -m bt_jax.main --config=configs/quickstart.py --workdir=/tmp/bt_quickstart
 
-Expected: the loss falls from ~500 to ~230 in 10 epochs (390 steps), and the final
-line reports a kNN top-1 of about 36 % (10 classes; a randomly initialised backbone
-scores about 27 % under the same protocol). About 4 minutes on 2 CPU cores.
+Expected (measured 2026-11-22, 2 CPU cores, 1 device): 312 steps in 4m40s; the loss falls
+from ~295 at step 20 to ~205; the last line reports kNN top-1 28.7 % (top-5 80.4 %), where
+a randomly initialised backbone of the same architecture scores 23.7 % under the same
+protocol (10 classes; docs/benchmarks.md, Evaluation). A toy budget: the gap, not the level,
+is the point. Rerunning the command on the finished workdir resumes, finds nothing left to
+train and stops.
 
 `--config=configs/quickstart.py:smoke` is a toy variant (two-stage 1/8-width ResNet, 16
 px) used by the tests for end-to-end, multi-process and resume checks in seconds.
@@ -26,7 +29,7 @@ def get_config(variant: str = ""):
 
     config.model.arch = "resnet18"
     config.model.cifar_stem = True
-    config.model.width = 0.25
+    config.model.width = 0.125
     config.model.projector = "512-512-512"
     config.model.dtype = "float32"  # bf16 convolutions are slow on CPUs
 
@@ -39,7 +42,7 @@ def get_config(variant: str = ""):
     config.optim.warmup_epochs = 1
 
     config.train.global_batch = 128
-    config.train.epochs = 10
+    config.train.epochs = 8
     config.train.log_every_steps = 20
     config.train.checkpoint_every_steps = 100
 

@@ -19,9 +19,10 @@ Commands (from the repository root):
       --workdir=/tmp/bt_qs_semi --config.pretrained_workdir=/tmp/bt_quickstart
 
 Expected: ImageNet, ResNet-50 after 1000 epochs: semi_supervised_1pct_top1 55.0 (top-5
-79.2), semi_supervised_10pct_top1 69.7 (top-5 89.3) (paper, Table 2). Quickstart (measured,
-~3 min on 2 CPU cores): semi_supervised_10pct_top1_last 24.7 %, 24.4 % from a random backbone
-(500 labels erase the toy pretraining's lead; docs/benchmarks.md, Evaluation).
+79.2), semi_supervised_10pct_top1 69.7 (top-5 89.3) (paper, Table 2). Quickstart (measured
+on its earlier 1/4-width checkpoint, ~3 min on 2 CPU cores): semi_supervised_10pct_top1_last
+24.7 %, 24.4 % from a random backbone (500 labels erase the toy pretraining's lead;
+docs/benchmarks.md, Evaluation).
 """
 
 from bt_jax.eval_defaults import eval_config, finetune_config
