@@ -9,15 +9,12 @@ VOC protocol.
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from bt_jax.data import augment, source
-from bt_jax.data.evaluation import EvalBatches
-from bt_jax.data.pipeline import dataset_options, resolve_processes
+from bt_jax.data.evaluation import EvalBatches, one_padded_pass
+from bt_jax.data.pipeline import resolve_processes
 
 
 def _class_count(builder, key: str) -> int:
@@ -50,11 +47,6 @@ def multilabel_batches(
     classes = _class_count(builder, label_key)
     has_positive = bool(positive_key) and positive_key in builder.info.features
     features = builder.info.features
-    slices = source.file_slices(builder, split)
-    total = source.num_records(slices)
-    bounds = source.even_bounds(total, count)
-    num_batches = math.ceil(max(np.diff(bounds)) / local_batch) if total else 0
-    mine = source.cut(slices, bounds[index], bounds[index + 1])
 
     def multi_hot(ids):
         return tf.reduce_sum(tf.one_hot(ids, classes, dtype=tf.int32), axis=0) > 0
@@ -75,27 +67,17 @@ def multilabel_batches(
         "label": tf.zeros([classes], tf.int8),
         "mask": tf.constant(False),
     }
-    if mine:
-        examples = source.read_slices(mine, cycle_length=1).map(
+    return one_padded_pass(
+        builder,
+        split,
+        data_cfg,
+        to_examples=lambda serialized: serialized.map(
             preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-        )
-    else:
-        examples = tf.data.Dataset.from_tensors(pad).take(0)
-    dataset = (
-        examples.ignore_errors()
-        .concatenate(tf.data.Dataset.from_tensors(pad).repeat())
-        .take(num_batches * local_batch)
-        .batch(local_batch)
-        .prefetch(data_cfg.prefetch)
-        .with_options(dataset_options(data_cfg.threads))
-    )
-    return EvalBatches(
-        dataset,
-        num_batches=num_batches,
-        num_examples=total,
+        ),
+        pad=pad,
         num_classes=classes,
-        local_examples=bounds[index + 1] - bounds[index],
+        local_batch=local_batch,
+        process_index=index,
+        process_count=count,
         what=f"multi-label eval {data_cfg.dataset}[{split}]",
-        log_every=data_cfg.log_skipped_every,
-        padded=True,
     )

@@ -122,14 +122,8 @@ def eval_batches(
         )
 
     builder = source.open_builder(data_cfg.dataset, data_cfg.data_dir)
-    classes = source.num_classes(builder)
-    slices = source.file_slices(builder, split)
-    total = source.num_records(slices)
-    bounds = source.even_bounds(total, count)
-    largest = max(np.diff(bounds)) if total else 0
-    num_batches = math.ceil(largest / local_batch)
-    mine = source.cut(slices, bounds[index], bounds[index + 1])
     crop_fraction = data_cfg.eval_crop_fraction
+    parse = source.record_parser(builder, True, with_ids)
 
     @_do_not_convert
     def preprocess(record):
@@ -139,6 +133,12 @@ def eval_batches(
             out["id"] = record["id"]
         return out
 
+    def to_examples(serialized):
+        records = serialized.map(parse, num_parallel_calls=_AUTOTUNE)
+        if data_cfg.cache:
+            records = records.cache()
+        return records.map(preprocess, num_parallel_calls=_AUTOTUNE, deterministic=True)
+
     pad = {
         "image": tf.zeros([image_size, image_size, 3], tf.uint8),
         "label": tf.constant(0, tf.int32),
@@ -146,15 +146,49 @@ def eval_batches(
     }
     if with_ids:
         pad["id"] = tf.constant(b"")
-    raw = source.read_slices(mine, cycle_length=1) if mine else None
-    if raw is None:
-        examples = tf.data.Dataset.from_tensors(pad).take(0)
+    return one_padded_pass(
+        builder,
+        split,
+        data_cfg,
+        to_examples=to_examples,
+        pad=pad,
+        num_classes=source.num_classes(builder),
+        local_batch=local_batch,
+        process_index=index,
+        process_count=count,
+        what=what,
+    )
+
+
+def one_padded_pass(
+    builder,
+    split: str,
+    data_cfg,
+    *,
+    to_examples,
+    pad: dict,
+    num_classes: int,
+    local_batch: int,
+    process_index: int,
+    process_count: int,
+    what: str,
+) -> EvalBatches:
+    """One pass over `split` in stored order, process p reading the p-th contiguous part.
+
+    to_examples maps the part's serialized records to example dicts with a "mask" of True;
+    undecodable ones are dropped, and the end is padded with `pad` (mask False) so that every
+    process yields the same number of batches and each example is counted exactly once.
+    """
+    slices = source.file_slices(builder, split)
+    total = source.num_records(slices)
+    bounds = source.even_bounds(total, process_count)
+    num_batches = math.ceil(max(np.diff(bounds)) / local_batch) if total else 0
+    lo, hi = bounds[process_index], bounds[process_index + 1]
+    mine = source.cut(slices, lo, hi)
+    if mine:
+        examples = to_examples(source.read_slices(mine, cycle_length=1))
     else:
-        parse = source.record_parser(builder, True, with_ids)
-        raw = raw.map(parse, num_parallel_calls=_AUTOTUNE)
-        if data_cfg.cache:
-            raw = raw.cache()
-        examples = raw.map(preprocess, num_parallel_calls=_AUTOTUNE, deterministic=True)
+        examples = tf.data.Dataset.from_tensors(pad).take(0)
     dataset = (
         examples.ignore_errors()
         .concatenate(tf.data.Dataset.from_tensors(pad).repeat())  # pad (and replace skipped)
@@ -167,8 +201,8 @@ def eval_batches(
         dataset,
         num_batches=num_batches,
         num_examples=total,
-        num_classes=classes,
-        local_examples=bounds[index + 1] - bounds[index],
+        num_classes=num_classes,
+        local_examples=hi - lo,
         what=what,
         log_every=data_cfg.log_skipped_every,
         padded=True,
