@@ -253,7 +253,6 @@ def step_entry(d: int, strategy: str, per_device_batch: int, args, mesh) -> dict
 
     import jax
     import jax.numpy as jnp
-    import ml_collections
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -296,15 +295,8 @@ def step_entry(d: int, strategy: str, per_device_batch: int, args, mesh) -> dict
 
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
-        compiled = pretrain.train_step.lower(
-            state,
-            batch,
-            model=model,
-            tx=tx,
-            loss_cfg=ml_collections.FrozenConfigDict(config.loss),
-            views_cfg=ml_collections.FrozenConfigDict(config.augment),
-            mesh=mesh,
-        ).compile()
+        options = pretrain.step_options(config, model, tx, mesh)
+        compiled = pretrain.train_step.lower(state, batch, **options).compile()
     out = analyse(compiled, w, time.perf_counter() - t0)
     out.update(
         d=d,

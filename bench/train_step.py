@@ -117,7 +117,6 @@ def main(argv=None) -> dict:
     import functools
 
     import jax
-    import ml_collections
 
     from bt_jax import distributed, optim, pretrain
     from bt_jax.data import pretrain_batches
@@ -166,14 +165,8 @@ def main(argv=None) -> dict:
     tx, _ = optim.make_optimizer(
         config.optim, global_batch=global_batch, warmup_steps=10, total_steps=total_steps
     )
-    step_fn = functools.partial(
-        pretrain.train_step,
-        model=model,
-        tx=tx,
-        loss_cfg=ml_collections.FrozenConfigDict(config.loss),
-        views_cfg=ml_collections.FrozenConfigDict(config.augment),
-        mesh=mesh,
-    )
+    options = pretrain.step_options(config, model, tx, mesh)
+    step_fn = functools.partial(pretrain.train_step, **options)
     replicated = distributed.replicated(mesh)
     with jax.set_mesh(mesh):
         state = jax.jit(
@@ -182,15 +175,7 @@ def main(argv=None) -> dict:
         )()
         batch = distributed.host_to_global(first, mesh)
         t0 = time.perf_counter()
-        compiled = pretrain.train_step.lower(
-            state,
-            batch,
-            model=model,
-            tx=tx,
-            loss_cfg=ml_collections.FrozenConfigDict(config.loss),
-            views_cfg=ml_collections.FrozenConfigDict(config.augment),
-            mesh=mesh,
-        ).compile()
+        compiled = pretrain.train_step.lower(state, batch, **options).compile()
         compile_s = time.perf_counter() - t0
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost

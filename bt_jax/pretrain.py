@@ -103,6 +103,17 @@ def train_step(state: TrainState, batch, *, model, tx, loss_cfg, views_cfg, mesh
     return new_state, metrics
 
 
+def step_options(config, model, tx, mesh) -> dict:
+    """train_step's static arguments for `config` (frozen, so that jit can hash them)."""
+    return dict(
+        model=model,
+        tx=tx,
+        loss_cfg=ml_collections.FrozenConfigDict(config.loss),
+        views_cfg=ml_collections.FrozenConfigDict(config.augment),
+        mesh=mesh,
+    )
+
+
 def init_state(model, tx, config, image_size: int) -> TrainState:
     """A fresh state (jit-compiled init, so parameters are created on the devices)."""
     # RBG keys for initialisation: threefry's unrolled hashing makes XLA take 5x longer to
@@ -242,11 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     watch = PreemptionWatch()
     step_fn = functools.partial(
         train_step,
-        model=model,
-        tx=tx,
-        loss_cfg=ml_collections.FrozenConfigDict(config.loss),
-        views_cfg=ml_collections.FrozenConfigDict(config.augment),
-        mesh=mesh,
+        **step_options(config, model, tx, mesh),
         nan_at=config.train.debug_nan_at_step,
     )
     knn_every = config.knn.every_epochs * plan["steps_per_epoch"]
