@@ -25,3 +25,12 @@ def shared_tfds_dir():
             "cifar10_jpeg, caltech101_jpeg and imagewoof320_sample"
         )
     return path
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the job processes a test module starts."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("jax_cache")))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        yield

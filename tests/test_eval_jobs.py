@@ -17,24 +17,9 @@ from e2e_eval import load_config, read_results, run_job, write_init_checkpoint
 
 from bt_jax import evaluation_job, export
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
 MINI_TRAIN = "train[:512]"  # 4 linear steps per epoch at batch 128: protocol, not quality
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """One persistent compilation cache for the job processes started here."""
-    cache = str(tmp_path_factory.mktemp("jax_cache"))
-    keys = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(dict(zip(keys, (cache, "0"), strict=True)))
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

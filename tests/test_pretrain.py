@@ -26,7 +26,7 @@ from e2e import (
     run_multiprocess,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
 STEPS = 12
 COMMON = (
@@ -34,23 +34,6 @@ COMMON = (
     "--config.train.checkpoint_every_steps=3",
     "--config.train.keep_checkpoints=20",
 )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    saved = {
-        k: os.environ.get(k)
-        for k in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
-    }
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
