@@ -40,7 +40,10 @@ def parse_args(argv=None):
     p.add_argument("--projector", default="2048-2048-2048")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--warmup_epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.3, help="base LR (x batch/256), all parameters")
+    p.add_argument("--lr", type=float, default=0.3, help="base LR (x batch/256) of the weights")
+    p.add_argument(
+        "--lr_biases", type=float, default=None, help="base LR of biases and BN (default: --lr)"
+    )
     p.add_argument("--dtype", default="float32", help="compute dtype (bf16 convs are slow on CPU)")
     p.add_argument("--stop_after_steps", type=int, default=0, help=">0: cut the run (smoke tests)")
     p.add_argument("--devices", type=int, default=1, help="CPU devices (XLA host devices)")
@@ -65,7 +68,7 @@ def make_config(args):
     config.model.projector = args.projector
     config.model.dtype = args.dtype
     config.optim.lr_weights = args.lr
-    config.optim.lr_biases = args.lr
+    config.optim.lr_biases = args.lr if args.lr_biases is None else args.lr_biases
     config.optim.warmup_epochs = args.warmup_epochs
     config.train.global_batch = args.batch
     config.train.epochs = args.epochs
@@ -194,6 +197,7 @@ def main(argv=None) -> dict:
             "epochs": args.epochs,
             "warmup_epochs": args.warmup_epochs,
             "lr": args.lr,
+            "lr_biases": args.lr if args.lr_biases is None else args.lr_biases,
             "dtype": args.dtype,
             "knn": {"k": config.knn.k, "temperature": config.knn.temperature},
         },
