@@ -179,6 +179,11 @@ def evaluate(state: State, batches: Iterable, mesh, *, backbone, num_classes) ->
         for batch in distributed.prefetch_to_mesh(batches, mesh)
     ]
     totals = jax.tree.map(lambda *x: np.sum(x, axis=0), *distributed.global_to_host(counts))
+    return accuracies(totals)
+
+
+def accuracies(totals: dict) -> dict:
+    """Top-1, top-5 and mean per-class accuracy (percent) from summed eval_counts."""
     n = int(totals["count"])
     if n == 0:
         raise ValueError("the evaluation split is empty")

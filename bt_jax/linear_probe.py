@@ -89,15 +89,7 @@ def _accuracy(rows, head, mesh, num_classes) -> dict:
     counts = classifier.eval_counts(
         {"head": head}, {}, rows, backbone=None, num_classes=num_classes
     )
-    c = distributed.global_to_host(counts)
-    n, seen = int(c["count"]), c["class_count"] > 0
-    per_class = c["class_correct"][seen] / c["class_count"][seen]
-    return {
-        "top1": 100.0 * float(c["top1"]) / n,
-        "top5": 100.0 * float(c["top5"]) / n,
-        "mean_per_class": 100.0 * float(np.mean(per_class)),
-        "num_examples": n,
-    }
+    return classifier.accuracies(distributed.global_to_host(counts))
 
 
 # ---------------------------------------------------------------------------------------
