@@ -119,7 +119,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from bt_jax import checkpoint, distributed, optim, pretrain
+    from bt_jax import checkpoint, distributed, models, optim, pretrain
 
     config = make_config(args)
     workdir = args.workdir or tempfile.mkdtemp(prefix="bt_quality_cifar10_")
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
 
     # The final state, restored from the run's checkpoint exactly as the job left it.
     mesh = distributed.make_mesh()
-    model = pretrain.build_model(config.model)
+    model = models.build_model(config.model)
     tx, _ = optim.make_optimizer(
         config.optim, global_batch=args.batch, warmup_steps=1, total_steps=steps + 1
     )

@@ -256,7 +256,7 @@ def step_entry(d: int, strategy: str, per_device_batch: int, args, mesh) -> dict
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from bt_jax import distributed, optim, pretrain
+    from bt_jax import distributed, models, optim, pretrain
     from configs import imagenet
 
     config = imagenet.get_config()
@@ -266,7 +266,7 @@ def step_entry(d: int, strategy: str, per_device_batch: int, args, mesh) -> dict
     w = mesh.devices.size
     global_batch = per_device_batch * w
     config.train.global_batch = global_batch
-    model = pretrain.build_model(config.model)
+    model = models.build_model(config.model)
     tx, _ = optim.make_optimizer(
         config.optim, global_batch=global_batch, warmup_steps=10, total_steps=1000
     )

@@ -23,7 +23,6 @@ Without --data_dir (or BT_JAX_TFDS_DIR) it reads the embedded cifar10_jpeg_mini.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -56,17 +55,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_config(spec: str):
-    path, _, variant = spec.partition(":")
-    if not os.path.isabs(path) and not os.path.exists(path):
-        path = os.path.join(common.ROOT, path)
-    module_spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
-
-
 def configure(args):
+    from bt_jax.defaults import load_config
+
     config = load_config(args.config)
     if args.batch:
         config.train.global_batch = args.batch
@@ -118,7 +109,7 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from bt_jax import distributed, optim, pretrain
+    from bt_jax import distributed, models, optim, pretrain
     from bt_jax.data import pretrain_batches
 
     config = configure(args)
@@ -160,7 +151,7 @@ def main(argv=None) -> dict:
     )
 
     # (a) the device step alone, on a fixed batch already on the devices
-    model = pretrain.build_model(config.model)
+    model = models.build_model(config.model)
     total_steps = 10**6
     tx, _ = optim.make_optimizer(
         config.optim, global_batch=global_batch, warmup_steps=10, total_steps=total_steps

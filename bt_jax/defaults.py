@@ -7,9 +7,33 @@ unknown field is an error at flag parsing, before anything runs.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
 
 from bt_jax.data.config import data_config, imagenet_views
+
+# The repository root: relative config paths that do not exist from the working directory
+# are looked up here, so `configs/quickstart.py` works from anywhere inside a checkout.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """The config of "path/to/config.py[:variant]", as `--config=` builds it.
+
+    The one loader behind main's error messages, the benchmarks and the tests: the file's
+    get_config(variant) (or get_config() without a variant).
+    """
+    path, _, variant = spec.partition(":")
+    if not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(_ROOT, path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no config file {spec.partition(':')[0]!r}")
+    module_spec = importlib.util.spec_from_file_location("_bt_jax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
 
 
 def model_config() -> ml_collections.ConfigDict:

@@ -8,12 +8,13 @@ hides accelerators from TensorFlow (it only feeds data), and runs the job the co
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from bt_jax import defaults
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/imagenet.py; override with --config.a.b=v."
@@ -49,19 +50,11 @@ def run(config, workdir: str):
     return job.run(config, workdir)
 
 
-def _load_config_file(spec: str):
-    path, _, variant = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("_bt_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
-
-
 def _explain_override_error(argv, err) -> str:
     """Name the override that failed and, for an unknown key, the keys that exist."""
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     try:
-        config = _load_config_file(spec)
+        config = defaults.load_config(spec)
     except Exception:  # the file itself is broken: absl's message is all we have
         return f"bt_jax: error: cannot load --config={spec}: {err}"
     for arg in argv:

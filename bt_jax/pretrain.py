@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from bt_jax import checkpoint, distributed, knn, losses, optim, reporting
 from bt_jax.data import pretrain_batches
 from bt_jax.data.device_ops import finish_views
-from bt_jax.models import barlow_twins
+from bt_jax.models import build_model
 
 
 @flax.struct.dataclass
@@ -41,17 +41,6 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # raw uint32 key; folded with the step for any stochastic layer
     first_bad_step: jax.Array  # -1 while every loss so far was finite
-
-
-def build_model(model_cfg):
-    return barlow_twins(
-        model_cfg.arch,
-        model_cfg.projector,
-        width=model_cfg.width,
-        cifar_stem=model_cfg.cifar_stem,
-        stage_sizes=tuple(model_cfg.stage_sizes) or None,
-        dtype=jnp.dtype(model_cfg.dtype),
-    )
 
 
 @functools.partial(

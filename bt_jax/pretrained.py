@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from bt_jax import checkpoint
+from bt_jax.models import build_model
 
 
 def backbone_fields() -> dict:
@@ -78,8 +79,6 @@ def _shape_mismatches(expected, restored, prefix="") -> list[str]:
 
 def build_backbone(model_cfg):
     """The backbone module a pretraining config's model section describes."""
-    from bt_jax.pretrain import build_model  # the one place model configs become modules
-
     return build_model(ml_collections.ConfigDict(model_cfg)).backbone
 
 

@@ -9,12 +9,7 @@ import sys
 
 from e2e import ROOT, cpu_env
 
-
-def load_config(spec: str):
-    from bt_jax import main
-
-    path, _, variant = spec.partition(":")
-    return main._load_config_file(os.path.join(ROOT, path) + (f":{variant}" if variant else ""))
+from bt_jax.defaults import load_config
 
 
 def write_init_checkpoint(workdir, step: int = 1, **model) -> str:
@@ -22,7 +17,7 @@ def write_init_checkpoint(workdir, step: int = 1, **model) -> str:
     compiled: seconds), saved exactly as the pretraining job saves it."""
     import jax
 
-    from bt_jax import checkpoint, distributed, optim, pretrain
+    from bt_jax import checkpoint, distributed, models, optim, pretrain
 
     config = load_config("configs/quickstart.py:smoke")
     config.model.update(model)
@@ -31,7 +26,7 @@ def write_init_checkpoint(workdir, step: int = 1, **model) -> str:
         config.optim, global_batch=config.train.global_batch, warmup_steps=1, total_steps=10
     )
     init = jax.jit(
-        lambda: pretrain.init_state(pretrain.build_model(config.model), tx, config, 16),
+        lambda: pretrain.init_state(models.build_model(config.model), tx, config, 16),
         out_shardings=distributed.replicated(mesh),
     )
     with jax.set_mesh(mesh):

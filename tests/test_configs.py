@@ -1,19 +1,17 @@
 """The shipped configs against DESIGN.md section 1, value by value."""
 
-import importlib.util
 import os
 import pathlib
 
 import pytest
 
+from bt_jax import defaults
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return defaults.load_config(f"configs/{name}.py")
 
 
 def test_imagenet_recipe():

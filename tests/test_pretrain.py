@@ -26,6 +26,8 @@ from e2e import (
     run_multiprocess,
 )
 
+from bt_jax.defaults import load_config
+
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
 STEPS = 12
@@ -178,9 +180,7 @@ def test_unknown_config_key_fails_with_one_clear_line(tmp_path):
 
 
 def _smoke_config(**train):
-    from bt_jax import main
-
-    config = main._load_config_file(os.path.join(ROOT, "configs", "quickstart.py:smoke"))
+    config = load_config("configs/quickstart.py:smoke")
     config.train.update(train)
     return config
 

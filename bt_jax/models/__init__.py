@@ -1,6 +1,12 @@
 """Models: the torchvision-layout ResNet family and the Barlow Twins twin model."""
 
-from bt_jax.models.barlow import BarlowTwins, Projector, barlow_twins, parse_projector
+from bt_jax.models.barlow import (
+    BarlowTwins,
+    Projector,
+    barlow_twins,
+    build_model,
+    parse_projector,
+)
 from bt_jax.models.resnet import ARCHS, ResNet, resnet
 
 __all__ = [
@@ -9,6 +15,7 @@ __all__ = [
     "Projector",
     "ResNet",
     "barlow_twins",
+    "build_model",
     "parse_projector",
     "resnet",
 ]

@@ -6,6 +6,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
+import ml_collections
 
 from bt_jax.models.resnet import ResNet, batch_norm, resnet
 
@@ -81,3 +82,16 @@ def barlow_twins(
         arch, width=width, cifar_stem=cifar_stem, stage_sizes=stage_sizes, dtype=dtype
     )
     return BarlowTwins(backbone=backbone, projector=Projector(parse_projector(projector), dtype))
+
+
+def build_model(model_cfg: ml_collections.ConfigDict) -> BarlowTwins:
+    """The twin model a config's `model` section describes (the one place configs become
+    modules: pretraining, the evaluation jobs and the benchmarks all build through it)."""
+    return barlow_twins(
+        model_cfg.arch,
+        model_cfg.projector,
+        width=model_cfg.width,
+        cifar_stem=model_cfg.cifar_stem,
+        stage_sizes=tuple(model_cfg.stage_sizes) or None,
+        dtype=jnp.dtype(model_cfg.dtype),
+    )
