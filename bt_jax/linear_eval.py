@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import jax
 
-from bt_jax import classifier, distributed, evaluation_job, features
+from bt_jax import distributed
 from bt_jax.data import eval_batches
+from bt_jax.evaluation import classifier, features
+from bt_jax.evaluation import job as evaluation_job
 
 
 def run(config, workdir: str) -> dict:

@@ -30,7 +30,7 @@ _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show tracebacks of configura
 # job name in the config -> module with run(config, workdir)
 JOBS = {
     "pretrain": "bt_jax.pretrain",
-    "knn": "bt_jax.knn_job",
+    "knn": "bt_jax.knn_eval",
     "linear_eval": "bt_jax.linear_eval",
     "semi_supervised": "bt_jax.semi_supervised",
     "transfer": "bt_jax.transfer",

@@ -27,9 +27,10 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from bt_jax import checkpoint, distributed, knn, losses, optim, reporting
+from bt_jax import checkpoint, distributed, losses, optim, reporting
 from bt_jax.data import pretrain_batches
 from bt_jax.data.device_ops import finish_views
+from bt_jax.evaluation import knn
 from bt_jax.models import build_model
 
 

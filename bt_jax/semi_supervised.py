@@ -25,8 +25,10 @@ import os
 
 import jax
 
-from bt_jax import classifier, distributed, evaluation_job, subsets
-from bt_jax.data import eval_batches
+from bt_jax import distributed
+from bt_jax.data import eval_batches, subsets
+from bt_jax.evaluation import classifier
+from bt_jax.evaluation import job as evaluation_job
 
 
 def fraction_label(config) -> str:

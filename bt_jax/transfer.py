@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import jax
 
-from bt_jax import classifier, evaluation_job, features, linear_probe, multilabel, semi_supervised
-from bt_jax.data import eval_batches
+from bt_jax import semi_supervised
+from bt_jax.data import eval_batches, multilabel
+from bt_jax.evaluation import classifier, features
+from bt_jax.evaluation import job as evaluation_job
+from bt_jax.evaluation import probes as linear_probe
 
 PROTOCOLS = ("linear", "finetune", "svm")
 

@@ -4,9 +4,9 @@ import flax.linen as nn
 import numpy as np
 import pytest
 
-from bt_jax import knn
 from bt_jax.data import normalize
 from bt_jax.distributed import make_mesh
+from bt_jax.evaluation import knn
 
 
 class Flatten(nn.Module):

@@ -19,7 +19,9 @@ import numpy as np
 import tensorflow as tf
 from jax.experimental import multihost_utils
 
-from bt_jax import checkpoint, classifier, distributed, pretrained, reporting
+from bt_jax import checkpoint, distributed, reporting
+from bt_jax.evaluation import backbone as pretrained
+from bt_jax.evaluation import classifier
 
 RESULTS = "results.json"
 _OWN_FILES = (RESULTS, "metrics.jsonl")

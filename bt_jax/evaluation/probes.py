@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bt_jax import classifier, distributed, features, subsets
+from bt_jax import distributed
+from bt_jax.data import subsets
+from bt_jax.evaluation import classifier, features
 
 
 def lbfgs(fun, init, *, max_iter: int, tol: float):

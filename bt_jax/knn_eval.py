@@ -17,8 +17,10 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from bt_jax import distributed, evaluation_job, knn
+from bt_jax import distributed
 from bt_jax.data import eval_batches
+from bt_jax.evaluation import job as evaluation_job
+from bt_jax.evaluation import knn
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "k", "temperature", "num_classes"))

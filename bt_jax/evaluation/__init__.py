@@ -1,0 +1,1 @@
+"""The evaluation library the kNN, linear, semi-supervised and transfer jobs are built from."""
