@@ -9,9 +9,9 @@ One train step serves every protocol:
     rates (backbone, head) through optax.multi_transform.
   backbone=None: the inputs are precomputed features (the fast variants).
 
-Optimizer: torch SGD (momentum 0.9, weight decay added to the gradient before the momentum,
-the LR applied after it) with CosineAnnealingLR(T_max=epochs) stepped once per epoch: the
-LR is constant within an epoch. The head starts at weight N(0, 0.01), bias 0. Losses are
+Optimizer: torch SGD (weight decay added to the gradient before the momentum, the LR
+applied after it) with CosineAnnealingLR(T_max=epochs) stepped once per epoch: the LR is
+constant within an epoch. The head starts at weight N(0, 0.01), bias 0. Losses are
 masked means, so padded rows never train anything; eval counts ignore them too. How the
 protocols wire these pieces together: bt_jax/evaluation/protocols.py.
 """
