@@ -28,7 +28,9 @@ def sgd_config(cfg: ml_collections.ConfigDict, *, finetune: bool) -> ml_collecti
     return ml_collections.ConfigDict(
         dict(
             lr_head=classifier.scaled_lr(lr_head, cfg.global_batch),
-            lr_backbone=classifier.scaled_lr(cfg.lr_backbone, cfg.global_batch) if finetune else 0,
+            lr_backbone=classifier.scaled_lr(cfg.lr_backbone, cfg.global_batch)
+            if finetune
+            else 0.0,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
             epochs=cfg.epochs,
