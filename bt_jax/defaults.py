@@ -4,7 +4,7 @@ value) and the evaluation protocols (the official evaluate.py's hyper-parameters
 Config files under configs/ start from these and state what they change. Every field is
 overridable on the command line: `--config.train.global_batch=1024`; an unknown field is an
 error at flag parsing, before anything runs. Config files import this module while flags
-are parsed: it imports ml_collections, numpy and bt_jax.data.config, nothing heavier.
+are parsed; its own imports are ml_collections, numpy and bt_jax.data.config.
 """
 
 from __future__ import annotations
