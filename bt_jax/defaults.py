@@ -1,8 +1,10 @@
-"""The config tree every job reads, with the paper's ImageNet recipe as defaults.
+"""The config trees every job reads: pretraining (the paper's ImageNet recipe, value by
+value) and the evaluation protocols (the official evaluate.py's hyper-parameters).
 
-Config files under configs/ start from `pretrain_config()` and state what they change.
-Every field is overridable on the command line: `--config.train.global_batch=1024`; an
-unknown field is an error at flag parsing, before anything runs.
+Config files under configs/ start from these and state what they change. Every field is
+overridable on the command line: `--config.train.global_batch=1024`; an unknown field is an
+error at flag parsing, before anything runs. Config files import this module while flags
+are parsed; its own imports are ml_collections, numpy and bt_jax.data.config.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib.util
 import os
 
 import ml_collections
+import numpy as np
 
 from bt_jax.data.config import data_config, imagenet_views
 
@@ -34,6 +37,18 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(variant) if variant else module.get_config()
+
+
+def parse_variant(variant: str, config: str, choices: tuple[str, ...] = ()) -> str:
+    """The variant of `--config=configs/<config>.py:<variant>`: "" (none) or one of choices.
+
+    Every config file's get_config(variant="") starts with it, so a misspelt variant is one
+    clear error naming the ones that exist.
+    """
+    if variant and variant not in choices:
+        known = f"choose one of {', '.join(choices)}" if choices else "it has none"
+        raise ValueError(f"unknown variant {variant!r} of configs/{config}.py; {known}")
+    return variant
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -116,3 +131,101 @@ def pretrain_config() -> ml_collections.ConfigDict:
     config.augment = imagenet_views(224)
     config.knn = knn_config()
     return config
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation: the fields every evaluation job reads, then one section per protocol.
+
+
+def eval_config(job: str, dataset: str = "imagenet2012") -> ml_collections.ConfigDict:
+    """Fields every evaluation job reads; the protocol's own section is added by the caller.
+
+    pretrained_workdir: the pretraining run's --workdir (required, also with random_init);
+    pretrained_step: checkpoint step, -1 = the latest; random_init: evaluate a freshly
+    initialised backbone of the same architecture instead of the trained weights (the
+    baseline every SSL number should be compared with); expected_arch: "" or an arch name
+    ("resnet50"): refuse a checkpoint of another architecture; overwrite: replace the
+    results of an earlier evaluation in the same --workdir.
+    """
+    config = ml_collections.ConfigDict()
+    config.job = job
+    config.seed = 0
+    config.pretrained_workdir = ""
+    config.pretrained_step = -1
+    config.random_init = False
+    config.expected_arch = ""
+    config.overwrite = False
+    config.log_every_steps = 50
+    config.data = data_config(dataset)
+    return config
+
+
+def _head_training(overrides: dict, **fields) -> ml_collections.ConfigDict:
+    """What the linear and fine-tuning protocols share: SGD with momentum, a cosine per
+    epoch, the batch the learning rates are scaled to (lr * global_batch / 256), eval."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            global_batch=256,
+            momentum=0.9,
+            image_size=224,
+            eval_batch=256,
+            eval_every_epochs=1,
+            **fields,
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def linear_config(**overrides) -> ml_collections.ConfigDict:
+    """The official linear protocol (evaluate.py --weights freeze; configs/linear_eval.py)."""
+    return _head_training(
+        overrides,
+        mode="images",  # "images": the paper's protocol; "fast_features": quick check
+        epochs=100,
+        lr=0.3,  # for batch 256
+        weight_decay=1e-6,
+    )
+
+
+def finetune_config(**overrides) -> ml_collections.ConfigDict:
+    """The official fine-tuning protocol (evaluate.py --weights finetune;
+    configs/semi_supervised.py): every layer trained, BN in train mode."""
+    return _head_training(
+        overrides,
+        # labelled fraction: 0 = the dataset's train split as it is (ImageNet: the TFDS
+        # imagenet2012_subset/1pct or /10pct); > 0 = a stratified fraction of it
+        fraction=0.0,
+        epochs=20,
+        lr_backbone=0.005,  # for batch 256
+        lr_head=0.5,  # for batch 256
+        weight_decay=0.0,
+    )
+
+
+def transfer_config(**overrides) -> ml_collections.ConfigDict:
+    """Transfer to another dataset: which protocols, at what resolution, scored how."""
+    cfg = ml_collections.ConfigDict(
+        dict(
+            protocols=("linear", "finetune"),  # or ("svm",) for multi-label datasets
+            metric="top1",  # the dataset's convention: "top1" or "mean_per_class"
+            image_size=224,
+            eval_batch=256,
+            # logistic regression on frozen features (L-BFGS), L2 chosen on a held-out part
+            linear=dict(
+                heldout_fraction=0.2,
+                l2_grid=tuple(float(v) for v in 10.0 ** -np.arange(0.0, 7.0)),
+                max_iter=500,
+            ),
+            # per-class linear SVMs (multi-label); labels from these features
+            svm=dict(
+                costs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
+                folds=3,
+                max_iter=1000,
+            ),
+            label_key="labels",
+            positive_key="labels_no_difficult",
+        )
+    )
+    cfg.update(overrides)
+    return cfg

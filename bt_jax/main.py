@@ -1,8 +1,9 @@
 """Entry point: `python -m bt_jax.main --config=configs/imagenet.py --workdir=DIR`.
 
 Starts jax.distributed when the run spans several processes (automatic on Cloud TPU and
-SLURM; --coordinator_address/--num_processes/--process_id or BT_JAX_* variables otherwise),
-hides accelerators from TensorFlow (it only feeds data), and runs the job the config names.
+SLURM; --coordinator_address/--num_processes/--process_id or BT_JAX_* variables otherwise)
+and runs the job the config names (config.job: a key of JOBS). The jobs are imported by
+name, so this module depends on none of them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bt_jax import defaults
+from bt_jax import defaults, distributed
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/imagenet.py; override with --config.a.b=v."
@@ -27,20 +28,14 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the r
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show tracebacks of configuration errors.")
 
-# job name in the config -> module with run(config, workdir)
+# config.job -> the module whose run(config, workdir) it is
 JOBS = {
     "pretrain": "bt_jax.pretrain",
-    "knn": "bt_jax.knn_job",
+    "knn": "bt_jax.knn_eval",
     "linear_eval": "bt_jax.linear_eval",
     "semi_supervised": "bt_jax.semi_supervised",
     "transfer": "bt_jax.transfer",
 }
-
-
-def _hide_accelerators_from_tensorflow() -> None:
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")  # else TF grabs GPU memory JAX needs
 
 
 def run(config, workdir: str):
@@ -86,10 +81,7 @@ def main(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not flags.FLAGS["verbosity"].present:  # orbax and TF log every save at INFO
         logging.set_verbosity(logging.WARNING)
-    from bt_jax import distributed  # jax is imported only now, after absl parsed XLA flags
-
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    _hide_accelerators_from_tensorflow()
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py")

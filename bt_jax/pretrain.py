@@ -27,9 +27,10 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from bt_jax import checkpoint, distributed, knn, losses, optim, reporting
+from bt_jax import checkpoint, distributed, losses, optim, reporting
 from bt_jax.data import pretrain_batches
 from bt_jax.data.device_ops import finish_views
+from bt_jax.evaluation import knn
 from bt_jax.models import build_model
 
 
@@ -339,7 +340,8 @@ def _progress_text(m: dict) -> str:
 
 def _knn_monitor(config, model, state, mesh, writer, progress, step) -> dict:
     variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
-    result = knn.evaluate(model.backbone, variables, config, mesh)
+    bank, queries = knn.splits(config.knn, config.data, mesh)
+    result = knn.evaluate(model.backbone, variables, bank, queries, config.knn, mesh)
     named = {f"knn_{k}": v for k, v in result.items()}
     writer.write(step, named, tag="knn")
     progress.say(

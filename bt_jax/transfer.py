@@ -6,9 +6,10 @@ r"""The transfer job: the pretrained backbone on another labelled dataset, by TF
 Protocols (config.transfer.protocols):
   "linear": multinomial logistic regression on frozen center-crop features, its L2 strength
     chosen on a stratified held-out part of the train split, refit on all of it
-    (bt_jax/linear_probe.py). Results transfer_linear_top1 / _top5 / _mean_per_class.
-  "finetune": every layer trained on the train split with config.finetune's recipe (as the
-    semi-supervised job). Results transfer_finetune_top1_last / _best, ...
+    (bt_jax/evaluation/probes.py). Results transfer_linear_top1 / _top5 / _mean_per_class.
+  "finetune": every layer trained on the train split with config.finetune's recipe
+    (bt_jax/evaluation/protocols.py finetune, as the semi-supervised job). Results
+    transfer_finetune_top1_last / _best, ...
   "svm": multi-label datasets (VOC07): one linear SVM per class on frozen features, its cost
     cross-validated on AP; result transfer_svm_map (percent).
 config.transfer.metric names the dataset's convention ("top1", or "mean_per_class" for
@@ -18,14 +19,19 @@ Caltech-101 and similar): it picks the L2 strength and is repeated as transfer_<
 from __future__ import annotations
 
 import jax
+import ml_collections
 
-from bt_jax import classifier, evaluation_job, features, linear_probe, multilabel, semi_supervised
-from bt_jax.data import eval_batches
+from bt_jax import data
+from bt_jax.data import multilabel
+from bt_jax.evaluation import classifier, probes, protocols
+from bt_jax.evaluation import job as evaluation_job
 
 PROTOCOLS = ("linear", "finetune", "svm")
 
 
-def _features(config, job, split, multi_label: bool):
+def _features(
+    config: ml_collections.ConfigDict, job: evaluation_job.Job, split: str, multi_label: bool
+):
     cfg = config.transfer
     if multi_label:
         batches = multilabel.multilabel_batches(
@@ -37,16 +43,13 @@ def _features(config, job, split, multi_label: bool):
             positive_key=cfg.positive_key,
         )
     else:
-        batches = eval_batches(
+        batches = data.eval_batches(
             config.data, split, global_batch=cfg.eval_batch, image_size=cfg.image_size
         )
-    with jax.set_mesh(job.mesh):
-        variables = evaluation_job.replicate(job.backbone.variables, job.mesh)
-        x, y = features.extract(job.backbone.module, variables, batches, job.mesh)
-    return (x, y), batches.num_classes
+    return protocols.frozen_features(job, batches), batches.num_classes
 
 
-def run(config, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     cfg = config.transfer
     unknown = set(cfg.protocols) - set(PROTOCOLS)
     if unknown or not cfg.protocols:
@@ -57,18 +60,18 @@ def run(config, workdir: str) -> dict:
     if cfg.metric not in ("top1", "mean_per_class"):
         raise ValueError(f"transfer.metric must be top1 or mean_per_class; got {cfg.metric!r}")
     job = evaluation_job.start(config, workdir, "transfer")
-    data, results = config.data, {}
+    data_cfg, results = config.data, {}
     if "linear" in cfg.protocols or multi_label:
-        train, num_classes = _features(config, job, data.train_split, multi_label)
-        test, _ = _features(config, job, data.eval_split, multi_label)
+        train, num_classes = _features(config, job, data_cfg.train_split, multi_label)
+        test, _ = _features(config, job, data_cfg.eval_split, multi_label)
         job.say(
             f"frozen {job.backbone.label} features ({train[0].shape[1]}-d) of "
-            f"{data.dataset}: {len(train[0])} train [{data.train_split}], {len(test[0])} test "
-            f"[{data.eval_split}], {num_classes} classes"
+            f"{data_cfg.dataset}: {len(train[0])} train [{data_cfg.train_split}], {len(test[0])} "
+            f"test [{data_cfg.eval_split}], {num_classes} classes"
         )
     if multi_label:
         with jax.set_mesh(job.mesh):
-            mean_ap, costs, ap = linear_probe.svm_probe(
+            mean_ap, costs, ap = probes.svm_probe(
                 train, test, cfg.svm, job.mesh, seed=config.seed, say=job.say
             )
         results.update(transfer_svm_map=mean_ap, transfer_svm_num_test=len(test[0]))
@@ -77,7 +80,7 @@ def run(config, workdir: str) -> dict:
     if "linear" in cfg.protocols:
         job.say(f"logistic regression, L2 chosen on a held-out {cfg.linear.heldout_fraction:.0%}")
         with jax.set_mesh(job.mesh):
-            result, l2, scores = linear_probe.logistic_probe(
+            result, l2, scores = probes.logistic_probe(
                 train,
                 test,
                 num_classes,
@@ -91,7 +94,15 @@ def run(config, workdir: str) -> dict:
         results["transfer_linear_metric"] = result[cfg.metric]
         results["transfer_linear_l2"] = l2
     if "finetune" in cfg.protocols:
-        history, examples = semi_supervised.finetune(config, job, data, name="transfer_finetune")
+        history, _ = protocols.finetune(
+            config.finetune,
+            data_cfg,
+            data_cfg,
+            job,
+            name="transfer_finetune",
+            seed=config.seed,
+            log_every_steps=config.log_every_steps,
+        )
         summary = classifier.summarise(history, "transfer_finetune")
         results.update(summary)
         results["transfer_finetune_metric_last"] = history[-1][cfg.metric]

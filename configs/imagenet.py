@@ -2,7 +2,8 @@ r"""Barlow Twins on ImageNet: the paper's recipe (Zbontar et al., 2021, section 
 
 ResNet-50 + projector 8192-8192-8192, batch 2048, 1000 epochs, LARS (lr 0.2 weights /
 0.0048 biases and BN, x batch/256, 10 warm-up epochs then cosine to 1/1000), weight decay
-1.5e-6, lambda 0.0051, BYOL augmentations at 224 px.
+1.5e-6, lambda 0.0051, BYOL augmentations at 224 px: the defaults of bt_jax/defaults.py
+(pretrain_config), which this file takes as they are.
 
 Command (any number of hosts; on a TPU pod or SLURM every host runs the same line):
 
@@ -19,35 +20,16 @@ W = 16 for the README checkpoint, 32 in the paper). reference_world_size = 16 re
 that run's dynamics on any device count; set 0 for the true global-batch gradient.
 """
 
-from bt_jax.data.config import data_config, imagenet_views
-from bt_jax.defaults import pretrain_config
+from bt_jax.data.config import imagenet_views
+from bt_jax.defaults import parse_variant, pretrain_config
 
 
-def get_config():
-    config = pretrain_config()
-
-    config.model.arch = "resnet50"
-    config.model.projector = "8192-8192-8192"
-    config.model.dtype = "bfloat16"
-
-    config.loss.lambd = 0.0051
-
-    config.optim.lr_weights = 0.2
-    config.optim.lr_biases = 0.0048
-    config.optim.weight_decay = 1.5e-6
-    config.optim.momentum = 0.9
-    config.optim.eta = 0.001
-    config.optim.warmup_epochs = 10
-    config.optim.end_factor = 0.001
+def get_config(variant: str = ""):
+    parse_variant(variant, "imagenet")
+    config = pretrain_config()  # the recipe above, value by value
     config.optim.reference_world_size = 16
-
-    config.train.global_batch = 2048
-    config.train.epochs = 1000
-
-    config.data = data_config("imagenet2012")
     # The host decodes, crops and flips; colour ops, blur and solarize run on the
     # accelerators (4x the host throughput per core; see docs/benchmarks.md).
     config.augment = imagenet_views(224, pixel_ops="device")
     config.knn.every_epochs = 50
-    config.knn.image_size = 224
     return config

@@ -23,16 +23,15 @@ knn_top1 28.7 % (equal to the run's own monitor), and 23.7 % with --config.rando
 """
 
 from bt_jax.data.config import data_config
-from bt_jax.eval_defaults import eval_config, knn_job_config
+from bt_jax.defaults import eval_config, knn_config, parse_variant
 
 
 def get_config(variant: str = ""):
+    variant = parse_variant(variant, "knn", ("quickstart", "smoke"))
     config = eval_config("knn", "imagenet2012")
-    config.knn = knn_job_config()
-    if variant in ("quickstart", "smoke"):
+    config.knn = knn_config()
+    if variant:
         config.data = data_config("cifar10_jpeg_mini")
         config.knn.image_size = 32 if variant == "quickstart" else 16
         config.knn.global_batch = 256 if variant == "quickstart" else 64
-    elif variant:
-        raise ValueError(f"unknown knn variant {variant!r}; choose quickstart or smoke")
     return config

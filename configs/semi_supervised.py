@@ -25,10 +25,11 @@ on its earlier 1/4-width checkpoint, ~3 min on 2 CPU cores): semi_supervised_10p
 docs/benchmarks.md, Evaluation).
 """
 
-from bt_jax.eval_defaults import eval_config, finetune_config
+from bt_jax.defaults import eval_config, finetune_config, parse_variant
 
 
 def get_config(variant: str = ""):
+    variant = parse_variant(variant, "semi_supervised", ("1pct", "10pct", "quickstart", "smoke"))
     if variant in ("", "1pct", "10pct"):
         config = eval_config("semi_supervised", f"imagenet2012_subset/{variant or '1pct'}")
         config.finetune = finetune_config()
@@ -38,13 +39,9 @@ def get_config(variant: str = ""):
         # 500 labelled images: batch 64 (learning rates scaled by 64 / 256) for 7 steps/epoch
         config.finetune = finetune_config(fraction=0.1, image_size=32, global_batch=64)
         config.log_every_steps = 10
-    elif variant == "smoke":
+    else:  # smoke
         config.finetune = finetune_config(
             fraction=0.1, image_size=16, epochs=1, global_batch=64, eval_batch=128
         )
         config.log_every_steps = 5
-    else:
-        raise ValueError(
-            f"unknown semi_supervised variant {variant!r}; choose 1pct, 10pct, quickstart, smoke"
-        )
     return config

@@ -6,8 +6,8 @@ fixed ~2:1 per-class split, prepared offline: pass its TFDS folder as
 reported too).
 linear: multinomial logistic regression on center-crop features, L2 chosen among
 1, 0.1, ..., 1e-6 on a stratified 20 % held out from train, then refit on all of train.
-finetune: every layer, BN in train mode, SGD momentum 0.9, cosine per epoch, backbone lr
-0.005 / head lr 0.5 at batch 256 (the semi-supervised recipe), 20 epochs.
+finetune: every layer, BN in train mode: the semi-supervised recipe of
+configs/semi_supervised.py on the train split.
 
 Commands (from the repository root):
 
@@ -28,10 +28,11 @@ from a random backbone.
 """
 
 from bt_jax.data.config import data_config
-from bt_jax.eval_defaults import eval_config, finetune_config, transfer_config
+from bt_jax.defaults import eval_config, finetune_config, parse_variant, transfer_config
 
 
 def get_config(variant: str = ""):
+    variant = parse_variant(variant, "transfer_caltech101", ("quickstart",))
     config = eval_config("transfer")
     config.data = data_config("caltech101_jpeg")  # data_dir: TFDS default unless set
     config.transfer = transfer_config(metric="mean_per_class")
@@ -40,6 +41,4 @@ def get_config(variant: str = ""):
         config.transfer.image_size = 64
         config.finetune.update(image_size=64, epochs=5)
         config.log_every_steps = 10
-    elif variant:
-        raise ValueError(f"unknown transfer_caltech101 variant {variant!r}; the one is quickstart")
     return config

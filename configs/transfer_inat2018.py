@@ -15,10 +15,11 @@ Expected: transfer_linear_top1 46.5 (paper, linear on frozen ResNet-50 features)
 """
 
 from bt_jax.data.config import data_config
-from bt_jax.eval_defaults import eval_config, finetune_config, transfer_config
+from bt_jax.defaults import eval_config, finetune_config, parse_variant, transfer_config
 
 
-def get_config():
+def get_config(variant: str = ""):
+    parse_variant(variant, "transfer_inat2018")
     config = eval_config("transfer")
     config.expected_arch = "resnet50"
     config.data = data_config("i_naturalist2018", eval_split="validation")

@@ -19,10 +19,11 @@ Expected: results.json with transfer_linear_top1 (the paper's Places-205 linear:
 """
 
 from bt_jax.data.config import data_config
-from bt_jax.eval_defaults import eval_config, finetune_config, transfer_config
+from bt_jax.defaults import eval_config, finetune_config, parse_variant, transfer_config
 
 
-def get_config():
+def get_config(variant: str = ""):
+    parse_variant(variant, "transfer_places365")
     config = eval_config("transfer")
     config.expected_arch = "resnet50"
     config.data = data_config("places365_small", eval_split="validation")

@@ -16,10 +16,11 @@ the benchmark's own feature pipeline, so expect a point or so of difference).
 """
 
 from bt_jax.data.config import data_config
-from bt_jax.eval_defaults import eval_config, transfer_config
+from bt_jax.defaults import eval_config, parse_variant, transfer_config
 
 
-def get_config():
+def get_config(variant: str = ""):
+    parse_variant(variant, "transfer_voc2007")
     config = eval_config("transfer")
     config.expected_arch = "resnet50"
     config.data = data_config("voc/2007", train_split="train+validation", eval_split="test")

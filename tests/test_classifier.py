@@ -12,8 +12,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bt_jax import classifier, distributed, features, linear_probe, subsets
-from bt_jax.data import data_config
+from bt_jax import distributed
+from bt_jax.data import data_config, subsets
+from bt_jax.evaluation import classifier, features, probes
 from bt_jax.models import resnet
 
 
@@ -140,8 +141,8 @@ def test_shuffled_feature_batches_cover_each_row_once_per_epoch():
 def test_average_precision():
     scores = np.array([[0.9], [0.8], [0.7], [0.6], [0.95]])
     labels = np.array([[1], [0], [1], [0], [-1]])  # the -1 ("difficult") is ignored
-    np.testing.assert_allclose(linear_probe.average_precision(scores, labels), [(1 + 2 / 3) / 2])
-    assert np.isnan(linear_probe.average_precision(scores, np.zeros_like(labels))[0])
+    np.testing.assert_allclose(probes.average_precision(scores, labels), [(1 + 2 / 3) / 2])
+    assert np.isnan(probes.average_precision(scores, np.zeros_like(labels))[0])
 
 
 def test_probes_on_separable_data():
@@ -152,7 +153,7 @@ def test_probes_on_separable_data():
     x = (centers[y] + rng.normal(size=(300, 6))).astype(np.float32)
     cfg = ml_collections.ConfigDict(dict(heldout_fraction=0.2, l2_grid=(1.0, 1e-3), max_iter=100))
     with jax.set_mesh(mesh):
-        result, l2, scores = linear_probe.logistic_probe(
+        result, l2, scores = probes.logistic_probe(
             (x[:200], y[:200]),
             (x[200:], y[200:]),
             3,
@@ -169,14 +170,14 @@ def test_probes_on_separable_data():
     xm = (xm + 0.1 * rng.normal(size=xm.shape)).astype(np.float32)
     svm = ml_collections.ConfigDict(dict(costs=(0.1, 10.0), folds=3, max_iter=200))
     with jax.set_mesh(mesh):
-        mean_ap, costs, ap = linear_probe.svm_probe(
+        mean_ap, costs, ap = probes.svm_probe(
             (xm[:200], multi[:200]), (xm[200:], multi[200:]), svm, mesh, seed=0, say=print
         )
     assert mean_ap > 99 and len(costs) == 3 and ap.shape == (3,)
 
 
 def test_multilabel_batches(tmp_path):
-    from bt_jax import multilabel
+    from bt_jax.data import multilabel
 
     label = tfds.features.Sequence(tfds.features.ClassLabel(num_classes=3))
     feats = tfds.features.FeaturesDict(

@@ -6,6 +6,8 @@ import pathlib
 import pytest
 from test_configs import ROOT, load_config
 
+from bt_jax import defaults
+
 EVAL_CONFIGS = [
     "knn",
     "linear_eval",
@@ -55,3 +57,26 @@ def test_knn_and_transfer_protocols():
     assert voc.data.train_split == "train+validation" and voc.data.eval_split == "test"
     for name in ("transfer_places365", "transfer_inat2018"):
         assert load_config(name).expected_arch == "resnet50"
+
+
+@pytest.mark.parametrize(
+    "name, variants",
+    [
+        ("imagenet", ()),
+        ("cifar10", ()),
+        ("quickstart", ("smoke",)),
+        ("knn", ("quickstart", "smoke")),
+        ("linear_eval", ("quickstart", "smoke")),
+        ("semi_supervised", ("1pct", "10pct", "quickstart", "smoke")),
+        ("transfer_caltech101", ("quickstart",)),
+        ("transfer_voc2007", ()),
+    ],
+)
+def test_every_variant_loads_and_a_misspelt_one_names_them(name, variants):
+    for variant in variants:
+        assert defaults.load_config(f"configs/{name}.py:{variant}").job
+    listed = ", ".join(variants) if variants else "it has none"
+    with pytest.raises(
+        ValueError, match=f"unknown variant 'bogus' of configs/{name}.py; .*{listed}"
+    ):
+        defaults.load_config(f"configs/{name}.py:bogus")

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from e2e_eval import load_config, read_results, run_job, write_init_checkpoint
 
-from bt_jax import evaluation_job, export
+from bt_jax import export
+from bt_jax.evaluation import job
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
@@ -90,7 +91,7 @@ def test_fast_features_variant_is_labelled_and_refuses_to_overwrite(pretrained, 
         _run(config, tmp_path)
     assert read_results(tmp_path)["results"] == pytest.approx(results)  # untouched
     config.overwrite = True
-    evaluation_job.prepare_workdir(str(tmp_path), config)  # what a job does first
+    job.prepare_workdir(str(tmp_path), config)  # what a job does first
     assert not (tmp_path / "results.json").exists()
     assert not (tmp_path / "metrics.jsonl").exists()
 

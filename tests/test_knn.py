@@ -1,12 +1,16 @@
-"""The sharded kNN classifier against a brute-force numpy implementation of the protocol."""
+"""The sharded kNN classifier against a brute-force numpy implementation of the protocol,
+and the kNN job against the pretraining monitor and that reference on a real checkpoint."""
+
+import types
 
 import flax.linen as nn
+import jax
 import numpy as np
 import pytest
 
-from bt_jax import knn
 from bt_jax.data import normalize
-from bt_jax.distributed import make_mesh
+from bt_jax.distributed import make_mesh, replicated
+from bt_jax.evaluation import knn
 
 
 class Flatten(nn.Module):
@@ -31,8 +35,23 @@ def make_batches(rng, num_batches, batch, num_valid, num_classes):
     ]
 
 
+def reference_votes(bank_x, bank_y, query_x, query_y, k, temperature, num_classes):
+    """The vote written out on L2-normalised float64 features: cosine similarity, top k,
+    exp(sim / T) votes, top-1/top-5 (percent) and the number of queries."""
+    top1 = top5 = 0
+    for x, y in zip(query_x, query_y, strict=True):
+        sims = bank_x @ x
+        nearest = np.argsort(-sims)[:k]
+        votes = np.zeros(num_classes)
+        np.add.at(votes, bank_y[nearest], np.exp(sims[nearest] / temperature))
+        voted = [c for c in np.argsort(-votes, kind="stable") if votes[c] > 0]
+        top1 += voted[0] == y
+        top5 += y in voted[:5]  # a class nobody voted for is not a prediction
+    return 100 * top1 / len(query_y), 100 * top5 / len(query_y), len(query_y)
+
+
 def reference_knn(bank, queries, k, temperature, num_classes):
-    """The protocol written out: cosine similarity, top k, exp(sim / T) votes, top-1/top-5."""
+    """The protocol on the normalised pixels of host batches (the Flatten 'backbone')."""
 
     def features(batches):
         x = (
@@ -45,18 +64,7 @@ def reference_knn(bank, queries, k, temperature, num_classes):
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         return x[m], y[m]
 
-    bx, by = features(bank)
-    qx, qy = features(queries)
-    top1 = top5 = 0
-    for x, y in zip(qx, qy, strict=True):
-        sims = bx @ x
-        nearest = np.argsort(-sims)[:k]
-        votes = np.zeros(num_classes)
-        np.add.at(votes, by[nearest], np.exp(sims[nearest] / temperature))
-        voted = [c for c in np.argsort(-votes, kind="stable") if votes[c] > 0]
-        top1 += voted[0] == y
-        top5 += y in voted[:5]  # a class nobody voted for is not a prediction
-    return 100 * top1 / len(qy), 100 * top5 / len(qy), len(qy)
+    return reference_votes(*features(bank), *features(queries), k, temperature, num_classes)
 
 
 @pytest.mark.parametrize("num_devices", [1, 8])
@@ -72,3 +80,54 @@ def test_matches_brute_force(num_devices, k):
     assert got["num_queries"] == count == 27
     assert got["top1"] == pytest.approx(top1)
     assert got["top5"] == pytest.approx(top5)
+
+
+@pytest.mark.slow
+def test_job_equals_monitor_and_brute_force(tmp_path):
+    """One checkpoint (the smoke model at initialisation), three computations of its kNN:
+    configs/knn.py:smoke's job, the pretraining job's monitor with the smoke pretraining
+    config's kNN section, and reference_votes on features from an unjitted forward pass
+    (float64 similarities)."""
+    from e2e_eval import write_init_checkpoint
+
+    from bt_jax import checkpoint, knn_eval, models, pretrain, reporting
+    from bt_jax.data import eval_batches
+    from bt_jax.defaults import load_config
+
+    pretrained = write_init_checkpoint(tmp_path / "pretrain")
+    config = load_config("configs/knn.py:smoke")
+    config.pretrained_workdir = pretrained
+    job = knn_eval.run(config, str(tmp_path / "knn"))
+
+    pretrain_config = load_config("configs/quickstart.py:smoke")
+    for field in ("k", "temperature", "image_size", "bank_split", "query_split"):
+        assert pretrain_config.knn[field] == config.knn[field]  # the batch size differs
+    assert pretrain_config.data.to_dict() == config.data.to_dict()
+    variables, _, _ = checkpoint.restore_model_variables(pretrained)
+    mesh = make_mesh()
+    state = types.SimpleNamespace(**jax.device_put(variables, replicated(mesh)))
+    model = models.build_model(pretrain_config.model)
+    writer = reporting.MetricWriter(str(tmp_path / "monitor"))
+    monitor = pretrain._knn_monitor(
+        pretrain_config, model, state, mesh, writer, reporting.Progress(1, 0), 1
+    )
+    writer.close()
+    assert monitor == job
+
+    backbone_vars = {k: v["backbone"] for k, v in variables.items()}
+
+    def features(split):
+        xs, ys = [], []
+        for batch in eval_batches(config.data, split, global_batch=100, image_size=16):
+            keep = batch["mask"]
+            images = normalize(batch["image"][keep])
+            xs.append(np.asarray(model.backbone.apply(backbone_vars, images, train=False)))
+            ys.append(batch["label"][keep])
+        x = np.concatenate(xs).astype(np.float64)
+        return x / np.linalg.norm(x, axis=1, keepdims=True), np.concatenate(ys)
+
+    top1, top5, count = reference_votes(*features("train"), *features("test"), 200, 0.1, 10)
+    assert job["knn_num_queries"] == count == 1000
+    assert job["knn_top1"] == pytest.approx(top1)
+    assert job["knn_top5"] == pytest.approx(top5)
+    assert 0 < top1 < 100

@@ -13,13 +13,18 @@ solver runs under jit, and the hyper-parameter choice happens on the host.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
-from bt_jax import classifier, distributed, features, subsets
+from bt_jax import distributed
+from bt_jax.data import subsets
+from bt_jax.evaluation import classifier, features
 
 
 def lbfgs(fun, init, *, max_iter: int, tol: float):
@@ -57,7 +62,17 @@ def fit_logistic(rows, l2, init, *, max_iter: int, tol: float = 1e-6):
     return lbfgs(fun, init, max_iter=max_iter, tol=tol)
 
 
-def logistic_probe(train, test, num_classes: int, cfg, mesh, *, seed: int, metric: str, say):
+def logistic_probe(
+    train: tuple,
+    test: tuple,
+    num_classes: int,
+    cfg: ml_collections.ConfigDict,
+    mesh: Mesh,
+    *,
+    seed: int,
+    metric: str,
+    say: Callable[[str], None],
+):
     """Held-out choice of L2 over cfg.l2_grid, refit on all of train, test accuracy."""
     (x_tr, y_tr), (x_te, y_te) = train, test
     mean, std = x_tr.mean(0), x_tr.std(0) + 1e-6  # standardised: better conditioned
@@ -76,15 +91,15 @@ def logistic_probe(train, test, num_classes: int, cfg, mesh, *, seed: int, metri
     head, scores = zeros, {}
     for l2 in sorted(cfg.l2_grid, reverse=True):  # strong to weak, warm-started
         head = fit_logistic(fit_rows, l2, head, max_iter=cfg.max_iter)
-        scores[l2] = _accuracy(held_rows, head, mesh, num_classes)[metric]
+        scores[l2] = _accuracy(held_rows, head, num_classes)[metric]
         say(f"  L2 {l2:.1e}: held-out {metric} {scores[l2]:.2f}%")
     best = max(sorted(scores, reverse=True), key=lambda l2: scores[l2])  # ties: stronger
     head = fit_logistic(rows(x_tr, y_tr), best, zeros, max_iter=cfg.max_iter)
-    result = _accuracy(rows(x_te, y_te), head, mesh, num_classes)
+    result = _accuracy(rows(x_te, y_te), head, num_classes)
     return result, best, scores
 
 
-def _accuracy(rows, head, mesh, num_classes) -> dict:
+def _accuracy(rows: dict, head: dict, num_classes: int) -> dict:
     """Top-1, top-5, mean per-class accuracy (percent) of head on row-sharded global rows."""
     counts = classifier.eval_counts(
         {"head": head}, {}, rows, backbone=None, num_classes=num_classes
@@ -130,7 +145,15 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def svm_probe(train, test, cfg, mesh, *, seed: int, say):
+def svm_probe(
+    train: tuple,
+    test: tuple,
+    cfg: ml_collections.ConfigDict,
+    mesh: Mesh,
+    *,
+    seed: int,
+    say: Callable[[str], None],
+):
     """Per-class cost by cfg.folds-fold cross-validation on AP, refit, test mAP (percent)."""
     normalise = lambda x: x / (np.linalg.norm(x, axis=1, keepdims=True) + 1e-5)  # noqa: E731
     (x_tr, y_tr), (x_te, y_te) = (normalise(train[0]), train[1]), (normalise(test[0]), test[1])

@@ -1,7 +1,10 @@
-"""Frozen backbone features of a whole split, on every host, in the split's order.
+"""Frozen backbone features: of a batch on the devices, of a whole split on every host.
 
-For the protocols that train on precomputed features (the fast linear check, transfer's
-regularised logistic regression and VOC07 SVMs). Features are computed on the devices
+backbone_features is the inference-mode forward pass every frozen protocol uses (kNN too).
+extract gives the features of a whole split, in the split's order, for the protocols that
+train on precomputed features (the fast linear check, transfer's regularised logistic
+regression and VOC07 SVMs); shuffled_batches / ordered_batches feed them back as batches,
+rows_to_global as row-sharded arrays. Features are computed on the devices
 (eval preprocessing, inference-mode BN), each process keeps its own rows, and the rows of
 all processes are gathered in process order. Process p reads the p-th contiguous part of the
 split (bt_jax.data.eval_batches), so the result is in the split's order whatever the number
@@ -13,18 +16,21 @@ Memory: N x F float32 on every host (ImageNet, ResNet-50: 10.5 GB).
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Iterator
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
 from bt_jax import distributed
 from bt_jax.data import normalize
 
 
 @functools.partial(jax.jit, static_argnames=("backbone",))
-def backbone_features(backbone, variables, images):
+def backbone_features(backbone: nn.Module, variables, images: jax.Array) -> jax.Array:
     """Inference-mode pooled features (float32) of a global batch of uint8 images."""
     return backbone.apply(variables, normalize(images), train=False).astype(jnp.float32)
 
@@ -35,7 +41,9 @@ def _local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
 
 
-def extract(backbone, variables, batches, mesh, label_key: str = "label"):
+def extract(
+    backbone: nn.Module, variables, batches: Iterable, mesh: Mesh, label_key: str = "label"
+) -> tuple[np.ndarray, np.ndarray]:
     """(features [N, F] float32, labels [N, ...]) of every unpadded example, on every host."""
     feats, labels, masks = [], [], []
     for batch in batches:
@@ -56,7 +64,7 @@ def extract(backbone, variables, batches, mesh, label_key: str = "label"):
     return local["feature"][keep], local["label"][keep]
 
 
-def rows_to_global(arrays: dict, mesh) -> dict:
+def rows_to_global(arrays: dict, mesh: Mesh) -> dict:
     """Host arrays with the same rows on every process -> row-sharded global arrays.
 
     Rows are padded to a multiple of the device count; "mask" marks the real ones.
@@ -74,7 +82,9 @@ def rows_to_global(arrays: dict, mesh) -> dict:
     return distributed.host_to_global(out, mesh)
 
 
-def shuffled_batches(features, labels, *, global_batch: int, seed: int, epoch: int):
+def shuffled_batches(
+    features: np.ndarray, labels: np.ndarray, *, global_batch: int, seed: int, epoch: int
+) -> Iterator[dict]:
     """One epoch of host-local batches of precomputed features, a permutation per epoch.
 
     The global batch at each step is the same set of rows on any number of processes (the
@@ -95,7 +105,9 @@ def shuffled_batches(features, labels, *, global_batch: int, seed: int, epoch: i
         yield {"image": features[rows], "label": labels[rows], "mask": mask[lo : lo + local]}
 
 
-def ordered_batches(features, labels, *, global_batch: int):
+def ordered_batches(
+    features: np.ndarray, labels: np.ndarray, *, global_batch: int
+) -> Iterator[dict]:
     """One pass over precomputed features in order, the last batch padded (mask False)."""
     n = len(features)
     steps = num_steps(n, global_batch)

@@ -9,7 +9,6 @@ TensorBoard events. It refuses a workdir that already holds results or metrics u
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 
@@ -18,14 +17,16 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 
-from bt_jax import checkpoint, classifier, distributed, pretrained, reporting
+from bt_jax import checkpoint, distributed, reporting
+from bt_jax.evaluation.backbone import Backbone, load_backbone
 
 RESULTS = "results.json"
 _OWN_FILES = (RESULTS, "metrics.jsonl")
 
 
-def replicate(tree, mesh):
+def replicate(tree, mesh: Mesh):
     """Host (numpy) values, identical on every process -> replicated global arrays."""
     sharding = distributed.replicated(mesh)
 
@@ -42,7 +43,7 @@ def _same_dir(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def prepare_workdir(workdir: str, config) -> str:
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> str:
     """The eval workdir, checked: writable, not the pretraining run's, not already used."""
     workdir = checkpoint.check_workdir(workdir)
     if config.pretrained_workdir and _same_dir(workdir, config.pretrained_workdir):
@@ -69,8 +70,9 @@ class Job:
     config: ml_collections.ConfigDict
     workdir: str
     protocol: str
-    mesh: jax.sharding.Mesh
-    backbone: pretrained.Backbone
+    mesh: Mesh
+    backbone: Backbone
+    variables: dict  # the backbone's, replicated on the mesh
     writer: reporting.MetricWriter
     progress: reporting.Progress
 
@@ -115,10 +117,10 @@ def _format(value) -> str:
     return str(value)
 
 
-def start(config, workdir: str, protocol: str) -> Job:
+def start(config: ml_collections.ConfigDict, workdir: str, protocol: str) -> Job:
     """Checks, then the backbone (fails fast on a bad checkpoint), mesh and writer."""
     workdir = prepare_workdir(workdir, config)
-    backbone = pretrained.load_backbone(config)
+    backbone = load_backbone(config)
     mesh = distributed.make_mesh()
     progress = reporting.Progress(1, 0, name=protocol)
     if backbone.label == "random_init":
@@ -131,64 +133,6 @@ def start(config, workdir: str, protocol: str) -> Job:
         f"{backbone.label} {backbone.info['model']} from {backbone.info['workdir']} step "
         f"{backbone.info['step']}"
     )
-    return Job(config, workdir, protocol, mesh, backbone, reporting.MetricWriter(workdir), progress)
-
-
-def opt_config(opt: dict, epochs: int) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict({"lr_backbone": 0.0, **opt, "epochs": epochs})
-
-
-def initial_state(
-    variables, num_features, num_classes, tx, *, finetune, seed, mesh
-) -> classifier.State:
-    init = functools.partial(
-        classifier.init_state,
-        num_features=num_features,
-        num_classes=num_classes,
-        tx=tx,
-        finetune=finetune,
-        seed=seed,
-    )
-    return jax.jit(init, out_shardings=distributed.replicated(mesh))(variables)
-
-
-def train_classifier(
-    config, job: Job, variables, train, val, *, epochs, opt_cfg, finetune, name, eval_every_epochs
-):
-    """Head (+ backbone if finetune) trained on image batches `train`, evaluated on `val`."""
-    if train.num_classes != val.num_classes:
-        raise ValueError(
-            f"the train data has {train.num_classes} classes but the eval data "
-            f"{val.num_classes}: they must share one label set"
-        )
-    num_classes, module = val.num_classes, job.backbone.module
-    tx, schedules = classifier.make_optimizer(
-        opt_config(opt_cfg, epochs), train.num_batches, finetune=finetune
-    )
-    state = initial_state(
-        variables,
-        module.num_features,
-        num_classes,
-        tx,
-        finetune=finetune,
-        seed=config.seed,
-        mesh=job.mesh,
-    )
-
-    def eval_fn(s):
-        return classifier.evaluate(s, val, job.mesh, backbone=module, num_classes=num_classes)
-
-    return classifier.fit(
-        state,
-        train_epoch=classifier.epochs_of(train, train.num_batches),
-        steps_per_epoch=train.num_batches,
-        epochs=epochs,
-        evaluate_fn=eval_fn,
-        step_kwargs=dict(backbone=module, num_classes=num_classes, tx=tx, finetune=finetune),
-        schedules=schedules,
-        mesh=job.mesh,
-        writer=job.writer,
-        name=name,
-        log_every_steps=config.log_every_steps,
-        eval_every_epochs=eval_every_epochs,
-    )
+    variables = replicate(backbone.variables, mesh)
+    writer = reporting.MetricWriter(workdir)
+    return Job(config, workdir, protocol, mesh, backbone, variables, writer, progress)

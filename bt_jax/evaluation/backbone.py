@@ -3,14 +3,9 @@
 The architecture is rebuilt from the checkpoint's own config (meta["config"]["model"]), so an
 evaluation config never restates it; the restored parameters are then checked leaf by leaf
 against that architecture, so a checkpoint that does not match fails with a clear error
-instead of a shape error deep inside a jitted step.
-
-Every evaluation config carries the fields of `backbone_fields()`:
-  pretrained_workdir: the pretraining run's --workdir (required, also with random_init);
-  pretrained_step: checkpoint step, -1 = the latest;
-  random_init: evaluate a freshly initialised backbone of the same architecture instead of
-    the trained weights: the baseline every SSL number should be compared with;
-  expected_arch: "" or an arch name ("resnet50"): refuse a checkpoint of another arch.
+instead of a shape error deep inside a jitted step. Which checkpoint, and whether to use
+its trained weights or a fresh initialisation (the random-init baseline), are fields of
+every evaluation config: bt_jax/defaults.py eval_config().
 """
 
 from __future__ import annotations
@@ -23,11 +18,7 @@ import ml_collections
 import numpy as np
 
 from bt_jax import checkpoint
-from bt_jax.models import build_model
-
-
-def backbone_fields() -> dict:
-    return dict(pretrained_workdir="", pretrained_step=-1, random_init=False, expected_arch="")
+from bt_jax.models import ResNet, build_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +26,7 @@ class Backbone:
     """module: the ResNet (flax, hashable: a static jit argument); variables: {"params",
     "batch_stats"} of the backbone only, numpy; info: where it came from, for results."""
 
-    module: object
+    module: ResNet
     variables: dict
     info: dict
 
@@ -77,20 +68,24 @@ def _shape_mismatches(expected, restored, prefix="") -> list[str]:
     return out
 
 
-def build_backbone(model_cfg):
+def build_backbone(model_cfg: dict) -> ResNet:
     """The backbone module a pretraining config's model section describes."""
     return build_model(ml_collections.ConfigDict(model_cfg)).backbone
 
 
-def init_variables(module, seed: int, image_size: int = 32) -> dict:
+def init_variables(module: ResNet, seed: int, image_size: int = 32) -> dict:
     """Fresh backbone variables (numpy), initialised as in pretraining (torchvision's)."""
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = jax.jit(lambda k: module.init(k, images, train=False))(jax.random.key(seed))
     return jax.tree.map(np.asarray, dict(variables))
 
 
-def load_backbone(config) -> Backbone:
-    """The backbone of config.pretrained_workdir (trained or, with random_init, fresh)."""
+def load_backbone(config: ml_collections.ConfigDict) -> Backbone:
+    """The backbone of config.pretrained_workdir (trained or, with random_init, fresh).
+
+    config: an evaluation config (eval_config's pretrained_workdir, pretrained_step,
+    random_init, expected_arch and seed).
+    """
     workdir = config.pretrained_workdir
     if not workdir:
         raise ValueError(
@@ -140,6 +135,6 @@ def load_backbone(config) -> Backbone:
     )
     if config.random_init:
         # Same architecture, none of the trained weights: the baseline of every protocol.
-        restored = init_variables(module, config.get("seed", 0))
+        restored = init_variables(module, config.seed)
         info["step"] = 0
     return Backbone(module=module, variables=restored, info=info)

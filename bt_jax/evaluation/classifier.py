@@ -1,4 +1,4 @@
-"""A linear head on a backbone, trained with the official evaluate.py recipe, and its loop.
+"""A linear head on a backbone: its train step, optimizer, loop and accuracies.
 
 One train step serves every protocol:
   finetune=False (linear eval): the backbone runs in inference mode (running BN statistics)
@@ -9,17 +9,17 @@ One train step serves every protocol:
     rates (backbone, head) through optax.multi_transform.
   backbone=None: the inputs are precomputed features (the fast variants).
 
-Optimizer: torch SGD (momentum 0.9, weight decay added to the gradient before the momentum,
-the LR applied after it) with CosineAnnealingLR(T_max=epochs) stepped once per epoch: the
-LR is constant within an epoch. The head starts at weight N(0, 0.01), bias 0. Losses are
-masked means, so padded rows never train anything; eval counts ignore them too.
+Optimizer: torch SGD (weight decay added to the gradient before the momentum, the LR
+applied after it) with CosineAnnealingLR(T_max=epochs) stepped once per epoch: the LR is
+constant within an epoch. The head starts at weight N(0, 0.01), bias 0. Losses are
+masked means, so padded rows never train anything; eval counts ignore them too. How the
+protocols wire these pieces together: bt_jax/evaluation/protocols.py.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,11 +27,14 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
 from bt_jax import distributed, reporting
 from bt_jax.data import normalize
+from bt_jax.evaluation.features import backbone_features
 
 
 @flax.struct.dataclass
@@ -61,13 +64,13 @@ def epoch_cosine(base_lr: float, steps_per_epoch: int, epochs: int) -> Callable:
     return schedule
 
 
-def torch_sgd(schedule, momentum: float, weight_decay: float):
+def torch_sgd(schedule, momentum: float, weight_decay: float) -> optax.GradientTransformation:
     """torch.optim.SGD: d = g + wd p; buf = momentum buf + d; p -= lr buf."""
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(schedule, momentum))
 
 
 def make_optimizer(
-    cfg, steps_per_epoch: int, *, finetune: bool
+    cfg: ml_collections.ConfigDict, steps_per_epoch: int, *, finetune: bool
 ) -> tuple[optax.GradientTransformation, dict]:
     """SGD over the trainable tree: {"head"} (linear) or {"backbone", "head"} (fine-tuning).
 
@@ -91,7 +94,15 @@ def trainable(params: dict, finetune: bool) -> dict:
     return params if finetune else {"head": params["head"]}
 
 
-def init_state(backbone_variables, num_features, num_classes, tx, *, finetune, seed=0) -> State:
+def init_state(
+    backbone_variables: dict,
+    num_features: int,
+    num_classes: int,
+    tx: optax.GradientTransformation,
+    *,
+    finetune: bool,
+    seed: int = 0,
+) -> State:
     head = linear_head(num_classes)
     head_params = head.init(jax.random.key(seed), jnp.zeros((1, num_features)))["params"]
     params = {"backbone": backbone_variables.get("params", {}), "head": head_params}
@@ -103,16 +114,15 @@ def init_state(backbone_variables, num_features, num_classes, tx, *, finetune, s
     )
 
 
-def _features(backbone, params, batch_stats, inputs, train: bool):
+def _features(backbone: nn.Module | None, params, batch_stats, inputs, train: bool):
     """(float32 features, updated batch_stats) of images, or the inputs if backbone is None."""
     if backbone is None:
         return inputs.astype(jnp.float32), batch_stats
     variables = {"params": params["backbone"], "batch_stats": batch_stats}
-    if train:
-        out, new = backbone.apply(variables, normalize(inputs), train=True, mutable=["batch_stats"])
-        return out.astype(jnp.float32), new["batch_stats"]
-    out = backbone.apply(variables, normalize(inputs), train=False)
-    return out.astype(jnp.float32), batch_stats
+    if not train:
+        return backbone_features(backbone, variables, inputs), batch_stats
+    out, new = backbone.apply(variables, normalize(inputs), train=True, mutable=["batch_stats"])
+    return out.astype(jnp.float32), new["batch_stats"]
 
 
 def masked_cross_entropy(logits, labels, mask):
@@ -124,7 +134,15 @@ def masked_cross_entropy(logits, labels, mask):
 @functools.partial(
     jax.jit, static_argnames=("backbone", "num_classes", "tx", "finetune"), donate_argnums=0
 )
-def train_step(state: State, batch, *, backbone, num_classes, tx, finetune: bool):
+def train_step(
+    state: State,
+    batch: dict,
+    *,
+    backbone: nn.Module | None,
+    num_classes: int,
+    tx: optax.GradientTransformation,
+    finetune: bool,
+) -> tuple[State, dict]:
     head = linear_head(num_classes)
     if not finetune:  # frozen: features computed once, outside the gradient
         frozen, _ = _features(backbone, state.params, state.batch_stats, batch["image"], False)
@@ -153,7 +171,7 @@ def train_step(state: State, batch, *, backbone, num_classes, tx, finetune: bool
 
 
 @functools.partial(jax.jit, static_argnames=("backbone", "num_classes"))
-def eval_counts(params, batch_stats, batch, *, backbone, num_classes):
+def eval_counts(params, batch_stats, batch: dict, *, backbone: nn.Module | None, num_classes: int):
     """Top-1 / top-5 hits and per-class (correct, total) of a batch; padding excluded."""
     feats, _ = _features(backbone, params, batch_stats, batch["image"], False)
     logits = linear_head(num_classes).apply({"params": params["head"]}, feats)
@@ -170,7 +188,9 @@ def eval_counts(params, batch_stats, batch, *, backbone, num_classes):
     }
 
 
-def evaluate(state: State, batches: Iterable, mesh, *, backbone, num_classes) -> dict:
+def evaluate(
+    state: State, batches: Iterable, mesh: Mesh, *, backbone: nn.Module | None, num_classes: int
+) -> dict:
     """Top-1, top-5 and mean per-class accuracy (percent) over every unpadded example."""
     counts = [
         eval_counts(
@@ -206,7 +226,7 @@ def fit(
     evaluate_fn: Callable[[State], dict],
     step_kwargs: dict,
     schedules: dict,
-    mesh,
+    mesh: Mesh,
     writer: reporting.MetricWriter,
     name: str,
     log_every_steps: int = 50,
@@ -263,7 +283,7 @@ def summarise(history: list[dict], prefix: str) -> dict:
     return out
 
 
-def epochs_of(iterator, steps_per_epoch: int) -> Callable[[int], Iterable]:
+def epochs_of(iterator: Iterable, steps_per_epoch: int) -> Callable[[int], Iterable]:
     """train_epoch for fit() from one continuous iterator of batches."""
     iterator = iter(iterator)
     return lambda _epoch: itertools.islice(iterator, steps_per_epoch)
@@ -272,8 +292,3 @@ def epochs_of(iterator, steps_per_epoch: int) -> Callable[[int], Iterable]:
 def scaled_lr(lr: float, global_batch: int, reference_batch: int = 256) -> float:
     """Learning rates are given for batch 256 and scale linearly with the batch."""
     return lr * global_batch / reference_batch
-
-
-def check_finite(value: float, what: str) -> None:
-    if not math.isfinite(value):
-        raise FloatingPointError(f"{what} is not finite ({value}); lower the learning rate")
