@@ -201,6 +201,9 @@ def export(
     params, stats = variables["params"], variables["batch_stats"]
     state = backbone_to_torchvision(params["backbone"], stats["backbone"])
     os.makedirs(out, exist_ok=True)
+    for name in (*WEIGHTS.values(), CARD, TIMM_CONFIG):  # an earlier export's: none may linger
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
     config, weights = meta["config"], os.path.join(out, WEIGHTS[fmt])
     files = {}
     if fmt == "torchvision":
