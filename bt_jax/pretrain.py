@@ -151,7 +151,8 @@ def schedule_summary(config, steps_per_epoch: int) -> dict:
 def _checkpoint_meta(config, step: int, plan: dict, wandb_run_id: str = "") -> dict:
     return {
         "step": step,
-        "wandb_run_id": wandb_run_id,  # a resumed run continues this W&B run ("" = none)
+        # The W&B run a resumed run continues ("" = none): process 0's, whose meta orbax writes.
+        "wandb_run_id": wandb_run_id,
         "epoch": step / plan["steps_per_epoch"],
         # The data position: the pipeline is a function of (seed, streams, batch, step).
         "data": {
