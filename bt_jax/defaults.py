@@ -125,6 +125,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
             device_prefetch=2,
             debug_nan_at_step=-1,  # >=0: multiply the loss by NaN at that step (tests)
             debug_step_delay_s=0.0,  # host sleep after each step (tests that kill a run)
+            wandb_project="",  # log to this Weights & Biases project too ("" = off)
         )
     )
     config.data = data_config("imagenet2012")

@@ -1,16 +1,21 @@
-r"""Backbone weights out to torchvision / detectron2, and torchvision-layout weights in.
+r"""Backbone weights out to torchvision / timm / detectron2 (and the Hub), and torchvision-
+layout weights in.
 
-  python -m bt_jax.export --workdir=W --format=torchvision --out=resnet50.safetensors
-  python -m bt_jax.export --workdir=W --format=detectron2 --out=r50_bt.pkl
+  python -m bt_jax.export --workdir=W --format=torchvision --out=DIR [--push_to_hub=USER/REPO]
+  python -m bt_jax.export --workdir=W --format=detectron2 --out=DIR
 
-torchvision: a safetensors file whose keys and shapes are exactly torchvision's ResNet
-state_dict without fc.weight / fc.bias (torch.load not needed to write or read it;
-`torchvision.models.resnet50().load_state_dict(safetensors.torch.load_file(f), strict=False)`
-loads it). With --include_projector the projector follows as `projector.<i>.*`, named as in
-the official Barlow Twins checkpoint. detectron2: the pickle its
-tools/convert-torchvision-to-d2.py would produce (stem.*, res2..res5, shortcut, convN.norm),
-for detection transfer (set MODEL.PIXEL_MEAN/STD to torchvision's RGB values and INPUT.FORMAT
-to RGB).
+DIR receives the weights and README.md, a Hugging Face model card (what the weights are, how
+to load them, the pretraining protocol, the run's metrics and, with --results, the numbers of
+evaluation jobs). torchvision: model.safetensors, whose keys and shapes are exactly
+torchvision's ResNet state_dict without fc.weight / fc.bias (torch not needed to write or
+read it; `torchvision.models.resnet50()` with `fc = Identity()` loads it strictly). For a
+torchvision-layout ResNet (width 1, ImageNet stem) config.json is timm's, so the folder is
+what `timm.create_model("local-dir:DIR", pretrained=True)` (or "hf-hub:USER/REPO" after
+--push_to_hub) loads. With --include_projector the projector follows as `projector.<i>.*`,
+named as in the official Barlow Twins checkpoint. detectron2: model_d2.pkl, the pickle its
+tools/convert-torchvision-to-d2.py would produce (stem.*, res2..res5, shortcut,
+convN.norm), for detection transfer (set MODEL.PIXEL_MEAN/STD to torchvision's RGB values and
+INPUT.FORMAT to RGB).
 
 Mapping: our modules carry torchvision's names (layer1_0 <-> layer1.0, downsample_0 <->
 downsample.0); conv kernels HWIO <-> OIHW, Dense kernels [in, out] <-> Linear weight
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import os
 import pickle
 import re
@@ -147,38 +153,126 @@ def torchvision_to_detectron2(state_dict) -> dict:
     return {"model": model, "__author__": "bt_jax", "matching_heuristics": True}
 
 
-def export(workdir, fmt, out, *, include_projector=False, step=None, overwrite=False) -> str:
+WEIGHTS = {"torchvision": "model.safetensors", "detectron2": "model_d2.pkl"}
+CARD = "README.md"
+TIMM_CONFIG = "config.json"
+
+
+def _results(eval_workdirs) -> list[dict]:
+    summaries = []
+    for directory in eval_workdirs:
+        path = os.path.join(directory, "results.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--results {directory} holds no results.json of an evaluation")
+        with open(path) as f:
+            summaries.append(json.load(f))
+    return summaries
+
+
+def export(
+    workdir,
+    fmt,
+    out,
+    *,
+    include_projector=False,
+    step=None,
+    overwrite=False,
+    eval_workdirs=(),
+    push_to_hub="",
+) -> str:
+    """Write the folder `out`: the weights, README.md (model card) and, for a torchvision-
+    layout ResNet, timm's config.json; upload it to the Hub repository `push_to_hub`."""
     from safetensors.numpy import save_file
 
+    from bt_jax import model_card, writers
     from bt_jax.checkpoint import restore_model_variables
 
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if fmt not in WEIGHTS:
+        raise ValueError(f"unknown format {fmt!r}; choose {' or '.join(WEIGHTS)}")
+    if out.endswith((".safetensors", ".pkl")):
+        raise ValueError(
+            f"--out={out} names a file; --out is the export folder (it will hold "
+            f"{WEIGHTS[fmt]} and {CARD}), e.g. --out={os.path.splitext(out)[0]}"
+        )
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    results = _results(eval_workdirs)  # before any work: a wrong path fails at once
     variables, meta, got_step = restore_model_variables(workdir, step)
     params, stats = variables["params"], variables["batch_stats"]
     state = backbone_to_torchvision(params["backbone"], stats["backbone"])
+    os.makedirs(out, exist_ok=True)
+    for name in (*WEIGHTS.values(), CARD, TIMM_CONFIG):  # an earlier export's: none may linger
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    config, weights = meta["config"], os.path.join(out, WEIGHTS[fmt])
+    files = {}
     if fmt == "torchvision":
         if include_projector:
             state.update(projector_to_torch(params["projector"], stats["projector"]))
         tensors = {k: np.ascontiguousarray(v) for k, v in state.items()}
-        save_file(tensors, out, metadata={"step": str(got_step), "source": "bt_jax"})
-    elif fmt == "detectron2":
-        with open(out, "wb") as f:
-            pickle.dump(torchvision_to_detectron2(state), f)
+        save_file(tensors, weights, metadata={"step": str(got_step), "source": "bt_jax"})
+        files[WEIGHTS[fmt]] = "torchvision ResNet state_dict without fc" + (
+            ", then the projector (projector.<i>.*)" if include_projector else ""
+        )
+        if model_card.is_timm_architecture(config["model"]) and not include_projector:
+            image_size = config["augment"]["view1"]["image_size"]
+            with open(os.path.join(out, TIMM_CONFIG), "w") as f:
+                json.dump(model_card.timm_config(config["model"], image_size), f, indent=2)
+            files[TIMM_CONFIG] = "timm's model config (architecture, preprocessing)"
     else:
-        raise ValueError(f"unknown format {fmt!r}; choose torchvision or detectron2")
-    arch = meta["config"]["model"]["arch"]
-    return f"wrote {len(state)} tensors of step {got_step} ({arch}) to {out}"
+        with open(weights, "wb") as f:
+            pickle.dump(torchvision_to_detectron2(state), f)
+        files[WEIGHTS[fmt]] = "detectron2 backbone weights (convert-torchvision-to-d2 names)"
+    metrics = writers.read_metrics(workdir)
+    card = model_card.render(
+        config=config, step=got_step, files=files, metrics=metrics, results=results
+    )
+    with open(os.path.join(out, CARD), "w") as f:
+        f.write(card)
+    message = (
+        f"wrote {len(state)} tensors of step {got_step} ({config['model']['arch']}) and a "
+        f"model card to {out}"
+    )
+    if push_to_hub:
+        message += "\n" + upload(out, push_to_hub, step=got_step)
+    return message
+
+
+def upload(folder: str, repo_id: str, *, step: int) -> str:
+    """The export folder to a Hugging Face Hub model repository (created if missing)."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ValueError("--push_to_hub needs huggingface_hub: pip install -e '.[hub]'") from None
+    api = huggingface_hub.HfApi()
+    api.create_repo(repo_id, repo_type="model", exist_ok=True)
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type="model",
+        commit_message=f"bt_jax export of step {step}",
+    )
+    return f"uploaded {sorted(os.listdir(folder))} to the Hub repository {repo_id}"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Export a bt_jax backbone.")
     parser.add_argument("--workdir", required=True, help="a pretraining run's workdir")
-    parser.add_argument("--format", required=True, choices=("torchvision", "detectron2"))
-    parser.add_argument("--out", required=True, help="output file")
+    parser.add_argument("--format", required=True, choices=tuple(WEIGHTS))
+    parser.add_argument("--out", required=True, help="output folder (weights + README.md)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
     parser.add_argument("--include_projector", action="store_true")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    parser.add_argument(
+        "--results",
+        action="append",
+        default=[],
+        metavar="EVAL_WORKDIR",
+        help="an evaluation job's workdir whose results.json goes into the card (repeatable)",
+    )
+    parser.add_argument(
+        "--push_to_hub", default="", metavar="REPO", help="upload the folder to this Hub repo"
+    )
     args = parser.parse_args(argv)
     try:
         print(
@@ -189,6 +283,8 @@ def main(argv=None) -> int:
                 include_projector=args.include_projector,
                 step=args.step,
                 overwrite=args.overwrite,
+                eval_workdirs=args.results,
+                push_to_hub=args.push_to_hub,
             )
         )
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:

@@ -1,4 +1,4 @@
-"""Entry point: `python -m bt_jax.main --config=configs/imagenet.py --workdir=DIR`.
+"""Entry point: `python -m bt_jax.main --config=configs/imagenet.py --workdir=DIR` (or `bt-jax`).
 
 Starts jax.distributed when the run spans several processes (automatic on Cloud TPU and
 SLURM; --coordinator_address/--num_processes/--process_id or BT_JAX_* variables otherwise)
@@ -95,5 +95,10 @@ def main(argv):
         sys.exit(1)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `bt-jax` console script (setup.cfg): the same as `python -m bt_jax.main`."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    cli()

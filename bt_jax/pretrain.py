@@ -149,9 +149,11 @@ def schedule_summary(config, steps_per_epoch: int) -> dict:
     )
 
 
-def _checkpoint_meta(config, step: int, plan: dict) -> dict:
+def _checkpoint_meta(config, step: int, plan: dict, wandb_run_id: str = "") -> dict:
     return {
         "step": step,
+        # The W&B run a resumed run continues ("" = none): process 0's, whose meta orbax writes.
+        "wandb_run_id": wandb_run_id,
         "epoch": step / plan["steps_per_epoch"],
         # The data position: the pipeline is a function of (seed, streams, batch, step).
         "data": {
@@ -239,7 +241,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {"step": start}
 
     device_batches = distributed.prefetch_to_mesh(batches, mesh, config.train.device_prefetch)
-    writer = reporting.MetricWriter(workdir, resume_step=start)
+    writer = reporting.MetricWriter(
+        workdir,
+        resume_step=start,
+        wandb_project=config.train.wandb_project,
+        wandb_run_id=ckpt.restore_meta(start).get("wandb_run_id", "") if start else "",
+        config=config.to_dict(),
+    )
     watch = PreemptionWatch()
     step_fn = functools.partial(
         train_step,
@@ -252,7 +260,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     last_good_ckpt = start if start else None
 
     def save(at_step, wait=False):
-        ckpt.save(at_step, state, _checkpoint_meta(config, at_step, plan), wait=wait)
+        writer.flush()  # the rows up to at_step are on disk before its checkpoint commits
+        meta = _checkpoint_meta(config, at_step, plan, wandb_run_id=writer.wandb_run_id)
+        ckpt.save(at_step, state, meta, wait=wait)
 
     with jax.set_mesh(mesh):
         while step < plan["stop_step"]:

@@ -1,4 +1,4 @@
-"""Metrics out of a job: JSON lines, TensorBoard events and a console progress line.
+"""Metrics out of a job: JSON lines, TensorBoard, optional wandb, and a console progress line.
 
 Only process 0 writes; the other processes get a writer that does nothing, so callers need
 no `if jax.process_index() == 0` of their own.
@@ -6,7 +6,6 @@ no `if jax.process_index() == 0` of their own.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -31,45 +30,63 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricWriter:
-    """Appends {"step": s, "tag": ..., **scalars} to workdir/metrics.jsonl and TensorBoard.
+    """A run's scalars to metrics.jsonl, TensorBoard and (optionally) wandb, off the loop.
 
-    Paths go through tf.io.gfile, so a gs:// workdir works. Object stores cannot append, so
-    the file is rewritten whole at each write (a few MB over a full ImageNet run).
+    write(step, {"loss": ...}, tag="train") hands the row to clu's AsyncMultiWriter, whose
+    background thread writes <workdir>/metrics.jsonl (see writers.py for its layout and
+    resume rule), <workdir>/tensorboard ("train/loss") and, with wandb_project set, that
+    W&B project ("train/loss" at that step). flush() waits until everything written so
+    far is on disk; the pretraining loop calls it before each checkpoint. wandb_run_id
+    continues an earlier W&B run (the pretraining job keeps it in its checkpoints).
     """
 
-    def __init__(self, workdir: str, enabled: bool | None = None, resume_step: int | None = None):
+    def __init__(
+        self,
+        workdir: str,
+        enabled: bool | None = None,
+        resume_step: int | None = None,
+        *,
+        wandb_project: str = "",
+        wandb_run_id: str = "",
+        config: dict | None = None,
+    ):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.wandb_run_id = ""
         if not self.enabled:
             return
-        import tensorflow as tf  # the input pipeline's dependency; gfile speaks gs://
-        from clu import metric_writers
+        from clu import metric_writers  # imports TensorFlow: only where metrics are written
 
-        self._gfile = tf.io.gfile
-        self._path = os.path.join(workdir, "metrics.jsonl")
-        self._gfile.makedirs(workdir)
-        self._lines = []
-        if self._gfile.exists(self._path):  # a resumed run continues the same file...
-            with self._gfile.GFile(self._path) as f:
-                self._lines = f.read().splitlines()
-            if resume_step is not None:  # ...without the rows of steps it will redo
-                self._lines = [ln for ln in self._lines if json.loads(ln)["step"] <= resume_step]
-        self._tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        from bt_jax import writers
+
+        backends = [
+            writers.JsonLinesWriter(workdir, resume_step=resume_step),
+            metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")),
+        ]
+        if wandb_project:
+            run = writers.WandbWriter(
+                wandb_project,
+                run_id=wandb_run_id,
+                name=os.path.basename(workdir.rstrip("/")),
+                config=config,
+                dir=None if writers.is_object_store(workdir) else workdir,
+            )
+            self.wandb_run_id = run.run_id
+            backends.append(run)
+        self._writer = metric_writers.AsyncMultiWriter(backends)
 
     def write(self, step: int, scalars: dict, tag: str = "train") -> None:
         if not self.enabled:
             return
-        clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
-        self._lines.append(json.dumps({"step": int(step), "tag": tag, **clean}))
-        tmp = self._path + ".tmp"
-        with self._gfile.GFile(tmp, "w") as f:  # write, then rename: never a torn file
-            f.write("\n".join(self._lines) + "\n")
-        self._gfile.rename(tmp, self._path, overwrite=True)
-        self._tb.write_scalars(int(step), {f"{tag}/{k}": v for k, v in clean.items()})
-        self._tb.flush()
+        tagged = {f"{tag}/{k}": float(np.asarray(v)) for k, v in scalars.items()}
+        self._writer.write_scalars(int(step), tagged)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._writer.flush()
 
     def close(self) -> None:
         if self.enabled:
-            self._tb.close()
+            self._writer.close()
 
 
 class Progress:

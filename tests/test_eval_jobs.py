@@ -189,9 +189,10 @@ def test_export_cli_from_a_checkpoint(pretrained, tmp_path):
 
     from bt_jax.checkpoint import restore_model_variables
 
-    out = str(tmp_path / "backbone.safetensors")
+    out = str(tmp_path / "backbone")
+    weights = os.path.join(out, "model.safetensors")
     assert export.main(["--workdir", pretrained, "--format", "torchvision", "--out", out]) == 0
-    tensors = load_file(out)
+    tensors = load_file(weights)
     variables, _, _ = restore_model_variables(pretrained)
     back = export.backbone_from_torchvision(tensors, variables["params"]["backbone"])
     diffs = jax.tree.map(
@@ -205,12 +206,13 @@ def test_export_cli_from_a_checkpoint(pretrained, tmp_path):
     assert max(jax.tree.leaves(diffs)) == 0.0
     assert not any(k.startswith("fc.") for k in tensors)
 
-    before = os.path.getmtime(out)
+    before = os.path.getmtime(weights)
     assert export.main(["--workdir", pretrained, "--format", "torchvision", "--out", out]) == 1
-    assert os.path.getmtime(out) == before  # refused: not overwritten
+    assert os.path.getmtime(weights) == before  # refused: not overwritten
     args = ["--workdir", pretrained, "--format", "detectron2", "--out", out, "--overwrite"]
     assert export.main(args) == 0
-    with open(out, "rb") as f:
+    assert sorted(os.listdir(out)) == ["README.md", "model_d2.pkl"]  # no stale weights left
+    with open(os.path.join(out, "model_d2.pkl"), "rb") as f:
         d2 = pickle.load(f)
     assert "stem.conv1.weight" in d2["model"] and "res2.0.conv1.weight" in d2["model"]
 
@@ -221,8 +223,9 @@ def test_export_cli_as_a_process(pretrained, tmp_path):
 
     from e2e import ROOT, cpu_env
 
-    out = tmp_path / "b.safetensors"
-    out.write_text("keep me")
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "model.safetensors").write_text("keep me")
     cmd = [
         sys.executable,
         "-m",
@@ -235,5 +238,5 @@ def test_export_cli_as_a_process(pretrained, tmp_path):
         str(out),
     ]
     result = subprocess.run(cmd, cwd=ROOT, env=cpu_env(1), capture_output=True, text=True)
-    assert result.returncode == 1 and "exists; pass --overwrite" in result.stderr
-    assert out.read_text() == "keep me"
+    assert result.returncode == 1 and "exists and is not empty; pass --overwrite" in result.stderr
+    assert (out / "model.safetensors").read_text() == "keep me"

@@ -1,13 +1,20 @@
-"""Weight export/import: torchvision's exact key set, round trip, numerical equivalence."""
+"""Weight export/import: torchvision's exact key set, round trip, numerical equivalence;
+the export folder (weights, model card, timm config) and its Hub upload."""
 
 import importlib.util
+import json
+import os
+import pickle
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
-from bt_jax import export
+from bt_jax import export, model_card, writers
+from bt_jax.checkpoint import Checkpointer
+from bt_jax.defaults import load_config
 from bt_jax.models import resnet
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -135,3 +142,172 @@ def test_torchvision_resnet50_gives_our_features(resnet50_variables):
     ours = resnet("resnet50").apply(v, jnp.asarray(x.transpose(0, 2, 3, 1)), train=False)
     assert ours.shape == theirs.shape == (2, 2048)
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- the export folder and card
+def _config_of(arch, **model):
+    config = load_config("configs/quickstart.py:smoke")
+    config.model.update({"arch": arch, "width": 1.0, "cifar_stem": False, "stage_sizes": ()})
+    config.model.update(model)
+    return config.to_dict()
+
+
+@pytest.fixture(scope="module")
+def pretraining_workdir(tmp_path_factory, resnet50_variables):
+    """A workdir as pretraining leaves it: an orbax checkpoint (real Checkpointer) of a
+    ResNet-50 whose every leaf is perturbed, its meta, and metrics.jsonl."""
+    workdir = str(tmp_path_factory.mktemp("pretrained"))
+    v = jax.tree.map(np.asarray, resnet50_variables)
+    state = {"params": {"backbone": v["params"]}, "batch_stats": {"backbone": v["batch_stats"]}}
+    ckpt = Checkpointer(workdir, async_save=False)
+    ckpt.save(40, state, {"step": 40, "config": _config_of("resnet50")}, wait=True)
+    ckpt.close()
+    rows = writers.JsonLinesWriter(workdir)
+    for step in range(1, 41):
+        rows.write_scalars(step, {"train/loss": 500.0 - step, "train/epoch": step / 20})
+    rows.write_scalars(40, {"knn/knn_top1": 31.25, "knn/knn_top5": 80.5})
+    rows.close()
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def eval_workdir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("linear")
+    summary = {"protocol": "linear", "dataset": "cifar10_jpeg_mini", "eval_split": "test"}
+    summary["results"] = {"linear_top1_last": 41.5, "linear_top5_last": 88.0, "epochs": 10}
+    (workdir / "results.json").write_text(json.dumps(summary))
+    return str(workdir)
+
+
+def _front_matter(card: str) -> dict:
+    import yaml  # PyYAML, TensorFlow's dependency
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_export_writes_weights_model_card_and_timm_config(
+    pretraining_workdir, eval_workdir, resnet50_variables, tmp_path
+):
+    out = tmp_path / "bt_r50"
+    argv = ["--workdir", pretraining_workdir, "--format=torchvision", f"--out={out}"]
+    assert export.main([*argv, "--results", eval_workdir]) == 0
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors"]
+    tensors = safetensors.numpy.load_file(str(out / "model.safetensors"))
+    assert sorted(tensors) == sorted(torchvision_resnet50_keys())
+    v = resnet50_variables
+    np.testing.assert_array_equal(
+        tensors["layer2.1.conv2.weight"],
+        np.asarray(v["params"]["layer2_1"]["conv2"]["kernel"]).transpose(3, 2, 0, 1),
+    )
+    timm_cfg = json.loads((out / "config.json").read_text())
+    assert timm_cfg["architecture"] == "resnet50" and timm_cfg["num_classes"] == 0
+    assert timm_cfg["num_features"] == 2048
+
+    card = (out / "README.md").read_text()
+    meta = _front_matter(card)
+    assert meta["library_name"] == "timm" and meta["license"] == "apache-2.0"
+    assert meta["datasets"] == ["cifar10_jpeg_mini"] and "barlow-twins" in meta["tags"]
+    assert "checkpoint of step 40, epoch 2.00" in card
+    config = _config_of("resnet50")
+    for line in (
+        f"| global batch | {config['train']['global_batch']} |",
+        f"| projector | {config['model']['projector']} |",
+        f"| lambda (off-diagonal weight) | {config['loss']['lambd']} |",
+        "| training loss (step 40) | 460 |",  # the last train row: 500 - 40
+        "| kNN monitor knn_top1 (step 40, cifar10_jpeg_mini) | 31.25 |",
+        "| linear linear_top1_last (cifar10_jpeg_mini test) | 41.5 |",
+    ):
+        assert line in card, line
+    full_config = card.split("```json\n")[1].split("\n```")[0]
+    assert json.loads(full_config) == json.loads(json.dumps(config))  # tuples -> lists
+
+    assert export.main(argv) == 1  # a non-empty folder is refused...
+    assert export.main([*argv, "--overwrite"]) == 0  # ...unless asked
+
+
+def test_export_out_is_a_folder_and_names_the_fix(pretraining_workdir, tmp_path, capsys):
+    out = tmp_path / "r50.safetensors"
+    argv = ["--workdir", pretraining_workdir, "--format=torchvision", f"--out={out}"]
+    assert export.main(argv) == 1
+    assert (
+        f"--out is the export folder (it will hold model.safetensors and README.md), e.g. "
+        f"--out={tmp_path / 'r50'}" in capsys.readouterr().err
+    )
+    assert not out.exists()
+
+
+def test_detectron2_export_folder(pretraining_workdir, tmp_path):
+    out = tmp_path / "d2"
+    assert (
+        export.main(["--workdir", pretraining_workdir, "--format=detectron2", f"--out={out}"]) == 0
+    )
+    assert sorted(os.listdir(out)) == ["README.md", "model_d2.pkl"]
+    with open(out / "model_d2.pkl", "rb") as f:
+        assert "res5.2.conv3.norm.running_mean" in pickle.load(f)["model"]
+    assert "MODEL.WEIGHTS=model_d2.pkl" in (out / "README.md").read_text()
+
+
+def test_card_of_a_non_torchvision_architecture_says_so():
+    card = model_card.render(
+        config=_config_of("resnet18", width=0.125, cifar_stem=True),
+        step=3,
+        files={"model.safetensors": "weights"},
+        metrics=[],
+        results=[],
+    )
+    assert _front_matter(card)["library_name"] == "pytorch"
+    assert "not torchvision's exact architecture" in card and "timm" not in card.split("---")[2]
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("timm") is None,
+    reason="timm is not installed (it needs torchvision: pip install timm torchvision)",
+)
+def test_timm_builds_the_export_folder_and_gives_our_features(
+    pretraining_workdir, resnet50_variables, tmp_path
+):
+    import timm
+    import torch
+
+    out = tmp_path / "bt_r50"
+    assert (
+        export.main(["--workdir", pretraining_workdir, "--format=torchvision", f"--out={out}"]) == 0
+    )
+    # local-dir: reads config.json and model.safetensors, as "hf-hub:REPO" does after upload
+    net = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = np.random.default_rng(2).standard_normal((2, 3, 96, 96)).astype(np.float32)
+    with torch.no_grad():
+        theirs = net(torch.from_numpy(x)).numpy()
+    ours = resnet("resnet50").apply(
+        resnet50_variables, jnp.asarray(x.transpose(0, 2, 3, 1)), train=False
+    )
+    assert theirs.shape == (2, 2048)
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("huggingface_hub") is None,
+    reason="huggingface_hub is not installed: pip install -e '.[hub]'",
+)
+def test_push_to_hub_uploads_the_export_folder(pretraining_workdir, tmp_path, monkeypatch):
+    """The network is what cannot exist here: HfApi's two calls are recorded instead."""
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(
+        huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(repo_id)
+    )
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        calls.append((repo_id, sorted(os.listdir(folder_path)), kw["repo_type"]))
+        card = huggingface_hub.ModelCard.load(os.path.join(folder_path, "README.md"))
+        calls.append(card.data.library_name)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    out = tmp_path / "bt_r50"
+    argv = ["--workdir", pretraining_workdir, "--format=torchvision", f"--out={out}"]
+    assert export.main([*argv, "--push_to_hub=someone/bt-resnet50"]) == 0
+    files = ["README.md", "config.json", "model.safetensors"]
+    assert calls == ["someone/bt-resnet50", ("someone/bt-resnet50", files, "model"), "timm"]
