@@ -1,5 +1,4 @@
-r"""Backbone weights out to torchvision / timm / detectron2 (and the Hub), and torchvision-
-layout weights in.
+r"""Backbone weights out to torchvision / timm / detectron2, with a model card (and the Hub).
 
   python -m bt_jax.export --workdir=W --format=torchvision --out=DIR [--push_to_hub=USER/REPO]
   python -m bt_jax.export --workdir=W --format=detectron2 --out=DIR
@@ -17,145 +16,190 @@ tools/convert-torchvision-to-d2.py would produce (stem.*, res2..res5, shortcut,
 convN.norm), for detection transfer (set MODEL.PIXEL_MEAN/STD to torchvision's RGB values and
 INPUT.FORMAT to RGB).
 
-Mapping: our modules carry torchvision's names (layer1_0 <-> layer1.0, downsample_0 <->
-downsample.0); conv kernels HWIO <-> OIHW, Dense kernels [in, out] <-> Linear weight
-[out, in], BN scale/bias/mean/var <-> weight/bias/running_mean/running_var.
+The key mapping lives in bt_jax/models/torchvision_layout.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import pickle
-import re
 import sys
 
 import numpy as np
 
-_BN_PARAMS = (("scale", "weight"), ("bias", "bias"))
-_BN_STATS = (("mean", "running_mean"), ("var", "running_var"))
-
-
-def _module_order(name: str):
-    """torchvision's module order: conv1, bn1, then the residual blocks by (stage, block)."""
-    match = re.fullmatch(r"layer(\d+)_(\d+)", name)
-    if match:
-        return (1, int(match[1]), int(match[2]))
-    return (0, ("conv1", "bn1").index(name), 0)
-
-
-def _block_order(name: str):
-    order = ["conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample_0", "downsample_1"]
-    return order.index(name)
-
-
-def _emit(out, torch_name, params, stats):
-    if "kernel" in params:  # conv HWIO -> OIHW, dense [in, out] -> [out, in]
-        kernel = np.asarray(params["kernel"])
-        out[f"{torch_name}.weight"] = (
-            kernel.transpose(3, 2, 0, 1) if kernel.ndim == 4 else kernel.T
-        ).copy()
-    else:  # BatchNorm
-        for ours, theirs in _BN_PARAMS:
-            out[f"{torch_name}.{theirs}"] = np.asarray(params[ours])
-        for ours, theirs in _BN_STATS:
-            out[f"{torch_name}.{theirs}"] = np.asarray(stats[ours])
-        out[f"{torch_name}.num_batches_tracked"] = np.zeros((), np.int64)
-
-
-def backbone_to_torchvision(params, batch_stats) -> collections.OrderedDict:
-    """Our ResNet variables -> torchvision state_dict (numpy), without fc."""
-    out = collections.OrderedDict()
-    for name in sorted(params, key=_module_order):
-        if name.startswith("layer"):
-            block = params[name]
-            for child in sorted(block, key=_block_order):
-                torch_name = f"{name.replace('_', '.')}.{child.replace('_', '.')}"
-                _emit(out, torch_name, block[child], batch_stats.get(name, {}).get(child))
-        else:
-            _emit(out, name, params[name], batch_stats.get(name))
-    return out
-
-
-def projector_to_torch(params, batch_stats) -> collections.OrderedDict:
-    out = collections.OrderedDict()
-    for name in sorted(params, key=lambda n: int(n.split("_")[1])):
-        _emit(out, f"projector.{name.split('_')[1]}", params[name], batch_stats.get(name))
-    return out
-
-
-def _take(state, key, used):
-    used.add(key)
-    if key not in state:
-        raise KeyError(f"the state dict has no {key!r}: is it a torchvision ResNet?")
-    return np.asarray(state[key], np.float32)
-
-
-def backbone_from_torchvision(state_dict, template_params):
-    """torchvision-layout state_dict -> {"params", "batch_stats"} shaped like the template.
-
-    Accepts the official Barlow Twins resnet50.pth (a torchvision ResNet-50 state dict) and
-    our own exports; an fc layer, if present, is ignored. Shape mismatches raise.
-    """
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state_dict.items()}
-    used: set[str] = set()
-    params, stats = {}, {}
-
-    def load(torch_name, ours):
-        if "kernel" in ours:
-            weight = _take(state, f"{torch_name}.weight", used)
-            kernel = weight.transpose(2, 3, 1, 0) if weight.ndim == 4 else weight.T
-            if kernel.shape != tuple(ours["kernel"].shape):
-                raise ValueError(
-                    f"{torch_name}.weight has shape {weight.shape}; this model needs "
-                    f"{tuple(ours['kernel'].shape)} (HWIO); wrong architecture or width?"
-                )
-            return {"kernel": kernel}, None
-        p = {o: _take(state, f"{torch_name}.{t}", used) for o, t in _BN_PARAMS}
-        s = {o: _take(state, f"{torch_name}.{t}", used) for o, t in _BN_STATS}
-        if p["scale"].shape != tuple(ours["scale"].shape):
-            raise ValueError(
-                f"{torch_name} has {p['scale'].shape[0]} channels; expected "
-                f"{ours['scale'].shape[0]}"
-            )
-        return p, s
-
-    for name, module in template_params.items():
-        if name.startswith("layer"):
-            params[name], stats[name] = {}, {}
-            for child, leaves in module.items():
-                torch_name = f"{name.replace('_', '.')}.{child.replace('_', '.')}"
-                params[name][child], s = load(torch_name, leaves)
-                if s is not None:
-                    stats[name][child] = s
-        else:
-            params[name], s = load(name, module)
-            if s is not None:
-                stats[name] = s
-    return {"params": params, "batch_stats": stats}
-
-
-def torchvision_to_detectron2(state_dict) -> dict:
-    """detectron2's tools/convert-torchvision-to-d2.py renaming, as a picklable dict."""
-    model = {}
-    for key, value in state_dict.items():
-        if key.endswith("num_batches_tracked") or key.startswith("fc."):
-            continue
-        new = key if "layer" in key else "stem." + key
-        for t in (1, 2, 3, 4):
-            new = new.replace(f"layer{t}", f"res{t + 1}")
-        for t in (1, 2, 3):
-            new = new.replace(f"bn{t}", f"conv{t}.norm")
-        new = new.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
-        model[new] = np.asarray(value)
-    return {"model": model, "__author__": "bt_jax", "matching_heuristics": True}
-
+from bt_jax.data import IMAGENET_MEAN, IMAGENET_STD
+from bt_jax.models.torchvision_layout import (
+    backbone_to_torchvision,
+    projector_to_torch,
+    torchvision_to_detectron2,
+)
 
 WEIGHTS = {"torchvision": "model.safetensors", "detectron2": "model_d2.pkl"}
 CARD = "README.md"
 TIMM_CONFIG = "config.json"
+
+
+# Pretraining facts a reader of the card needs, by config path.
+_PROTOCOL = (
+    ("data.dataset", "dataset"),
+    ("model.arch", "backbone"),
+    ("model.width", "width multiplier"),
+    ("model.cifar_stem", "CIFAR stem (3x3, no max-pool)"),
+    ("model.projector", "projector"),
+    ("loss.lambd", "lambda (off-diagonal weight)"),
+    ("train.global_batch", "global batch"),
+    ("train.epochs", "scheduled epochs"),
+    ("optim.name", "optimizer"),
+    ("optim.lr_weights", "base LR, weights (x batch / 256)"),
+    ("optim.lr_biases", "base LR, biases and BN (x batch / 256)"),
+    ("optim.weight_decay", "weight decay"),
+    ("optim.warmup_epochs", "warm-up epochs"),
+    ("augment.view1.image_size", "image size"),
+    ("seed", "seed"),
+)
+
+
+def _get(config: dict, path: str):
+    for key in path.split("."):
+        config = config[key]
+    return config
+
+
+def is_timm_architecture(model_cfg: dict) -> bool:
+    """torchvision's (and timm's) ResNet exactly: full width, ImageNet stem, its depths."""
+    return model_cfg["width"] == 1 and not model_cfg["cifar_stem"] and not model_cfg["stage_sizes"]
+
+
+def timm_config(model_cfg: dict, image_size: int) -> dict:
+    """config.json as timm writes it for a headless ResNet (num_classes 0: no fc)."""
+    return {
+        "architecture": model_cfg["arch"],
+        "num_classes": 0,
+        "num_features": 512 if model_cfg["arch"] in ("resnet18", "resnet34") else 2048,
+        "global_pool": "avg",
+        "pretrained_cfg": {
+            "tag": "bt_jax_barlow_twins",
+            "input_size": [3, image_size, image_size],
+            "fixed_input_size": False,
+            "interpolation": "bicubic",
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "num_classes": 0,
+            "first_conv": "conv1",
+            "classifier": "fc",
+        },
+    }
+
+
+def _table(rows) -> str:
+    lines = ["| | |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def model_card(
+    *, config: dict, step: int, files: dict[str, str], metrics: list[dict], results: list[dict]
+) -> str:
+    """The card's text.
+
+    files: exported file name -> what it holds. metrics: the run's metrics rows (see
+    reporting.read_metrics). results: the results.json summaries of evaluation jobs.
+    """
+    model = config["model"]
+    arch, dataset = model["arch"], config["data"]["dataset"]
+    steps_per_epoch = next((r["step"] / r["epoch"] for r in metrics if r.get("epoch")), None)
+    epochs = f", epoch {step / steps_per_epoch:.2f}" if steps_per_epoch else ""
+    timm = is_timm_architecture(model)
+    front = {
+        "license": "apache-2.0",
+        "library_name": "timm" if timm else "pytorch",
+        "pipeline_tag": "image-feature-extraction",
+        "tags": ["barlow-twins", "self-supervised", "bt_jax", arch],
+        "datasets": [dataset],
+    }
+    header = "---\n" + "".join(f"{k}: {json.dumps(v)}\n" for k, v in front.items()) + "---\n"
+
+    out = [
+        header,
+        f"# Barlow Twins {arch} ({dataset}), bt_jax\n",
+        f"A {arch} backbone pretrained with Barlow Twins (Zbontar et al., 2021) in bt_jax "
+        f"(JAX/Flax), checkpoint of step {step}{epochs}. The weights are the backbone only "
+        "(no classifier head): global-average-pooled features.\n",
+        "## Files\n",
+        "\n".join(f"- `{name}`: {what}" for name, what in files.items()) + "\n",
+        "## Loading\n",
+    ]
+    if "model.safetensors" in files:
+        out.append(
+            "Inputs: RGB, scaled to [0, 1], normalised with ImageNet's mean "
+            f"{list(IMAGENET_MEAN)} and std {list(IMAGENET_STD)}.\n\n"
+            "```python\nimport safetensors.torch, torch, torchvision\n"
+            f"net = torchvision.models.{arch}()\nnet.fc = torch.nn.Identity()\n"
+            'net.load_state_dict(safetensors.torch.load_file("model.safetensors"))\n```\n'
+        )
+        if timm:
+            out.append(
+                "With timm (this folder, or the Hub repository it was uploaded to):\n\n"
+                '```python\nimport timm\nnet = timm.create_model("local-dir:PATH", '
+                'pretrained=True)  # or "hf-hub:USER/REPO"\n```\n'
+            )
+        else:
+            out.append(
+                "This is not torchvision's exact architecture (width, stem or depth differ): "
+                "build the matching network before loading the state dict.\n"
+            )
+    if "model_d2.pkl" in files:
+        out.append(
+            "detectron2: `MODEL.WEIGHTS=model_d2.pkl`, `INPUT.FORMAT=RGB`, "
+            "`MODEL.PIXEL_MEAN=[123.675, 116.28, 103.53]`, `MODEL.PIXEL_STD=[58.395, 57.12, "
+            "57.375]`.\n"
+        )
+    out += [
+        "## Pretraining protocol\n",
+        _table((name, _get(config, path)) for path, name in _PROTOCOL) + "\n",
+    ]
+    train = [r for r in metrics if r["tag"] == "train" and r["step"] <= step]
+    knn = [r for r in metrics if r["tag"] == "knn" and r["step"] <= step]
+    if train or knn or results:
+        out.append("## Metrics\n")
+        rows = []
+        if train:
+            last = train[-1]
+            rows += [
+                (f"training {k} (step {last['step']})", _number(last[k]))
+                for k in ("loss", "invariance", "redundancy")
+                if k in last
+            ]
+        if knn:
+            last = knn[-1]
+            rows += [
+                (f"kNN monitor {k} (step {last['step']}, {dataset})", _number(v))
+                for k, v in last.items()
+                if k.startswith("knn_top")
+            ]
+        for summary in results:
+            where = f"{summary.get('dataset', '?')} {summary.get('eval_split', '')}".strip()
+            rows += [
+                (f"{summary['protocol']} {k} ({where})", _number(v))
+                for k, v in summary["results"].items()
+                if isinstance(v, int | float) and not isinstance(v, bool)
+            ]
+        out.append(_table(rows) + "\n")
+    out += [
+        "## Full config\n",
+        "<details><summary>config.to_dict() of the pretraining run</summary>\n\n```json\n"
+        + json.dumps(config, indent=1, sort_keys=True, default=str)
+        + "\n```\n</details>\n",
+    ]
+    return "\n".join(out)
 
 
 def _results(eval_workdirs) -> list[dict]:
@@ -184,7 +228,7 @@ def export(
     layout ResNet, timm's config.json; upload it to the Hub repository `push_to_hub`."""
     from safetensors.numpy import save_file
 
-    from bt_jax import model_card, writers
+    from bt_jax import reporting
     from bt_jax.checkpoint import restore_model_variables
 
     if fmt not in WEIGHTS:
@@ -214,19 +258,17 @@ def export(
         files[WEIGHTS[fmt]] = "torchvision ResNet state_dict without fc" + (
             ", then the projector (projector.<i>.*)" if include_projector else ""
         )
-        if model_card.is_timm_architecture(config["model"]) and not include_projector:
+        if is_timm_architecture(config["model"]) and not include_projector:
             image_size = config["augment"]["view1"]["image_size"]
             with open(os.path.join(out, TIMM_CONFIG), "w") as f:
-                json.dump(model_card.timm_config(config["model"], image_size), f, indent=2)
+                json.dump(timm_config(config["model"], image_size), f, indent=2)
             files[TIMM_CONFIG] = "timm's model config (architecture, preprocessing)"
     else:
         with open(weights, "wb") as f:
             pickle.dump(torchvision_to_detectron2(state), f)
         files[WEIGHTS[fmt]] = "detectron2 backbone weights (convert-torchvision-to-d2 names)"
-    metrics = writers.read_metrics(workdir)
-    card = model_card.render(
-        config=config, step=got_step, files=files, metrics=metrics, results=results
-    )
+    metrics = reporting.read_metrics(workdir)
+    card = model_card(config=config, step=got_step, files=files, metrics=metrics, results=results)
     with open(os.path.join(out, CARD), "w") as f:
         f.write(card)
     message = (

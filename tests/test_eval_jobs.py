@@ -17,6 +17,7 @@ from e2e_eval import load_config, read_results, run_job, write_init_checkpoint
 
 from bt_jax import export
 from bt_jax.evaluation import job
+from bt_jax.models import torchvision_layout
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
@@ -194,7 +195,7 @@ def test_export_cli_from_a_checkpoint(pretrained, tmp_path):
     assert export.main(["--workdir", pretrained, "--format", "torchvision", "--out", out]) == 0
     tensors = load_file(weights)
     variables, _, _ = restore_model_variables(pretrained)
-    back = export.backbone_from_torchvision(tensors, variables["params"]["backbone"])
+    back = torchvision_layout.backbone_from_torchvision(tensors, variables["params"]["backbone"])
     diffs = jax.tree.map(
         lambda a, b: float(np.max(np.abs(np.asarray(a) - b))),
         back,

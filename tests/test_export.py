@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from bt_jax import export, model_card, writers
+from bt_jax import export, reporting
 from bt_jax.checkpoint import Checkpointer
 from bt_jax.defaults import load_config
-from bt_jax.models import resnet
+from bt_jax.models import resnet, torchvision_layout
 
 BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -66,7 +66,7 @@ def resnet50_variables():
 
 def test_exported_keys_are_torchvisions_minus_fc(resnet50_variables):
     v = resnet50_variables
-    state = export.backbone_to_torchvision(v["params"], v["batch_stats"])
+    state = torchvision_layout.backbone_to_torchvision(v["params"], v["batch_stats"])
     assert list(state) == torchvision_resnet50_keys()  # same keys, same order
     assert state["conv1.weight"].shape == (64, 3, 7, 7)
     assert state["layer4.0.downsample.0.weight"].shape == (2048, 1024, 1, 1)
@@ -85,26 +85,26 @@ def test_exported_keys_are_torchvisions_minus_fc(resnet50_variables):
 
 def test_import_of_export_is_the_identity(resnet50_variables):
     v = resnet50_variables
-    state = export.backbone_to_torchvision(v["params"], v["batch_stats"])
-    back = export.backbone_from_torchvision(state, v["params"])
+    state = torchvision_layout.backbone_to_torchvision(v["params"], v["batch_stats"])
+    back = torchvision_layout.backbone_from_torchvision(state, v["params"])
     same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), back, v)
     assert all(jax.tree.leaves(same))
 
 
 def test_import_rejects_another_architecture(resnet50_variables):
     v = resnet50_variables
-    state = export.backbone_to_torchvision(v["params"], v["batch_stats"])
+    state = torchvision_layout.backbone_to_torchvision(v["params"], v["batch_stats"])
     small = jax.eval_shape(
         lambda: resnet("resnet18").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     )
     with pytest.raises((ValueError, KeyError), match="shape|no 'layer"):
-        export.backbone_from_torchvision(state, small["params"])
+        torchvision_layout.backbone_from_torchvision(state, small["params"])
 
 
 def test_detectron2_names(resnet50_variables):
     v = resnet50_variables
-    d2 = export.torchvision_to_detectron2(
-        export.backbone_to_torchvision(v["params"], v["batch_stats"])
+    d2 = torchvision_layout.torchvision_to_detectron2(
+        torchvision_layout.backbone_to_torchvision(v["params"], v["batch_stats"])
     )["model"]
     for key in (
         "stem.conv1.weight",
@@ -130,7 +130,7 @@ def test_torchvision_resnet50_gives_our_features(resnet50_variables):
     import torchvision
 
     v = resnet50_variables
-    state = export.backbone_to_torchvision(v["params"], v["batch_stats"])
+    state = torchvision_layout.backbone_to_torchvision(v["params"], v["batch_stats"])
     net = torchvision.models.resnet50()
     net.fc = torch.nn.Identity()
     # strict: our keys are exactly the fc-less network's, nothing missing or unexpected
@@ -162,7 +162,7 @@ def pretraining_workdir(tmp_path_factory, resnet50_variables):
     ckpt = Checkpointer(workdir, async_save=False)
     ckpt.save(40, state, {"step": 40, "config": _config_of("resnet50")}, wait=True)
     ckpt.close()
-    rows = writers.JsonLinesWriter(workdir)
+    rows = reporting.JsonLinesWriter(workdir)
     for step in range(1, 41):
         rows.write_scalars(step, {"train/loss": 500.0 - step, "train/epoch": step / 20})
     rows.write_scalars(40, {"knn/knn_top1": 31.25, "knn/knn_top5": 80.5})
@@ -249,7 +249,7 @@ def test_detectron2_export_folder(pretraining_workdir, tmp_path):
 
 
 def test_card_of_a_non_torchvision_architecture_says_so():
-    card = model_card.render(
+    card = export.model_card(
         config=_config_of("resnet18", width=0.125, cifar_stem=True),
         step=3,
         files={"model.safetensors": "weights"},

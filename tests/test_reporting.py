@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from e2e import ROOT, cpu_env, final_params, main_command
 
-from bt_jax import reporting, writers
+from bt_jax import reporting
 
 
 def _write_run(writer, steps, *, flush_every=0, first=1):
@@ -45,13 +45,13 @@ def test_local_file_is_appended_so_bytes_written_are_linear(tmp_path):
     written, sizes = {}, {}
     for steps in (400, 800):
         workdir = str(tmp_path / str(steps))
-        writer = writers.JsonLinesWriter(workdir)
+        writer = reporting.JsonLinesWriter(workdir)
         before = _bytes_written_by_this_process()
         _write_run(writer, steps)
         writer.close()
         written[steps] = _bytes_written_by_this_process() - before
         sizes[steps] = os.path.getsize(os.path.join(workdir, "metrics.jsonl"))
-        assert writers.read_metrics(workdir) == _expected_rows(1, steps)
+        assert reporting.read_metrics(workdir) == _expected_rows(1, steps)
     for steps in written:  # every byte of the file written once (the old writer: ~steps/2x)
         assert sizes[steps] <= written[steps] <= sizes[steps] + 4096, (written, sizes)
     assert written[800] / written[400] < 2.1
@@ -59,21 +59,21 @@ def test_local_file_is_appended_so_bytes_written_are_linear(tmp_path):
 
 def test_local_resume_truncates_the_rows_of_redone_steps_and_a_torn_line(tmp_path):
     workdir = str(tmp_path)
-    writer = writers.JsonLinesWriter(workdir)
+    writer = reporting.JsonLinesWriter(workdir)
     _write_run(writer, 12)
     writer.close()
     path = tmp_path / "metrics.jsonl"
     with open(path, "a") as f:
         f.write('{"step": 13, "tag": "tra')  # killed in the middle of a write
-    assert [r["step"] for r in writers.read_metrics(workdir, "train")] == list(range(1, 13))
+    assert [r["step"] for r in reporting.read_metrics(workdir, "train")] == list(range(1, 13))
 
-    resumed = writers.JsonLinesWriter(workdir, resume_step=10)  # checkpoint of step 10
-    assert writers.read_metrics(workdir) == _expected_rows(1, 10)
+    resumed = reporting.JsonLinesWriter(workdir, resume_step=10)  # checkpoint of step 10
+    assert reporting.read_metrics(workdir) == _expected_rows(1, 10)
     _write_run(resumed, 14, first=11)
     resumed.close()
-    assert writers.read_metrics(workdir) == _expected_rows(1, 14)
+    assert reporting.read_metrics(workdir) == _expected_rows(1, 14)
     fresh = tmp_path / "fresh"
-    writer = writers.JsonLinesWriter(str(fresh))
+    writer = reporting.JsonLinesWriter(str(fresh))
     _write_run(writer, 14)
     writer.close()
     assert path.read_bytes() == (fresh / "metrics.jsonl").read_bytes()  # byte for byte
@@ -90,7 +90,7 @@ class _CountingGFile(tf.io.gfile.GFile):
 def test_object_store_segments_are_written_once_and_trimmed_on_resume(monkeypatch):
     monkeypatch.setattr(tf.io.gfile, "GFile", _CountingGFile)
     workdir = f"ram://bt_jax_test_{time.time_ns()}/run"
-    writer = writers.JsonLinesWriter(workdir)
+    writer = reporting.JsonLinesWriter(workdir)
     _write_run(writer, 20, flush_every=4)  # a checkpoint every 4 steps
     writer.close()
     segments = tf.io.gfile.glob(f"{workdir}/metrics-*.jsonl")
@@ -100,15 +100,15 @@ def test_object_store_segments_are_written_once_and_trimmed_on_resume(monkeypatc
     sizes = sum(tf.io.gfile.stat(s).length for s in segments)
     assert sum(n for _, n in _CountingGFile.written) == sizes  # each byte written once
     assert len({name for name, _ in _CountingGFile.written}) == 5
-    assert writers.read_metrics(workdir) == _expected_rows(1, 20)
+    assert reporting.read_metrics(workdir) == _expected_rows(1, 20)
 
     # Resume from step 10 (mid-segment: steps 9-12): later segments go, 9-12 loses 11-12.
-    resumed = writers.JsonLinesWriter(workdir, resume_step=10)
-    assert writers.read_metrics(workdir) == _expected_rows(1, 10)
+    resumed = reporting.JsonLinesWriter(workdir, resume_step=10)
+    assert reporting.read_metrics(workdir) == _expected_rows(1, 10)
     _write_run(resumed, 16, first=11, flush_every=4)
     resumed.close()
-    assert writers.read_metrics(workdir) == _expected_rows(1, 16)
-    assert writers.read_metrics(workdir, "knn") == [
+    assert reporting.read_metrics(workdir) == _expected_rows(1, 16)
+    assert reporting.read_metrics(workdir, "knn") == [
         r for r in _expected_rows(1, 16) if r["tag"] == "knn"
     ]
 
@@ -119,7 +119,7 @@ def test_metric_writer_writes_off_the_caller_and_flush_waits(tmp_path):
         writer.write(step, {"loss": 1.0 / step})
     writer.write(5, {"knn_top1": 12.5}, tag="knn")
     writer.flush()  # what the loop does before a checkpoint: everything is on disk now
-    assert writers.read_metrics(str(tmp_path)) == [
+    assert reporting.read_metrics(str(tmp_path)) == [
         *({"step": s, "tag": "train", "loss": 1.0 / s} for s in range(1, 6)),
         {"step": 5, "tag": "knn", "knn_top1": 12.5},
     ]
@@ -158,7 +158,7 @@ def test_sigkill_then_resume_leaves_each_step_once(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    logged = [r["step"] for r in writers.read_metrics(str(tmp_path), "train")]
+    logged = [r["step"] for r in reporting.read_metrics(str(tmp_path), "train")]
     checkpoints = [int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()]
     assert logged[:6] == list(range(1, 7)) and max(logged) < 10
     assert max(logged) > max(checkpoints, default=0)  # rows the rerun must not repeat
@@ -167,7 +167,7 @@ def test_sigkill_then_resume_leaves_each_step_once(tmp_path):
         main_command(tmp_path, *SMOKE_RUN), cwd=ROOT, env=cpu_env(8), capture_output=True
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = writers.read_metrics(str(tmp_path), "train")
+    rows = reporting.read_metrics(str(tmp_path), "train")
     assert [r["step"] for r in rows] == list(range(1, 11))
     assert all(line.endswith("}") for line in path.read_text().splitlines())
 
@@ -194,4 +194,4 @@ def test_wandb_offline_run_id_survives_a_resume(tmp_path):
     offline_runs = sorted(os.listdir(tmp_path / "wandb"))
     offline_runs = [d for d in offline_runs if d.startswith("offline-run-")]
     assert len(offline_runs) == 2 and all(d.endswith(f"-{run_id}") for d in offline_runs)
-    assert [r["step"] for r in writers.read_metrics(str(tmp_path), "train")] == [1, 2, 3, 4]
+    assert [r["step"] for r in reporting.read_metrics(str(tmp_path), "train")] == [1, 2, 3, 4]

@@ -23,7 +23,8 @@ from bt_jax import checkpoint, distributed, reporting
 from bt_jax.evaluation.backbone import Backbone, load_backbone
 
 RESULTS = "results.json"
-_OWN_FILES = (RESULTS, "metrics.jsonl")
+# results.json and the metrics (metrics.jsonl locally, metrics-NNNNN.jsonl segments on gs://)
+_OWN_FILES = (RESULTS, reporting.JSONL, reporting.SEGMENT_GLOB)
 
 
 def replicate(tree, mesh: Mesh):
@@ -51,7 +52,11 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> str:
             f"--workdir is the pretraining run's workdir ({workdir}); give the evaluation its "
             "own --workdir (its metrics would mix with the pretraining's)"
         )
-    existing = [f for f in _OWN_FILES if tf.io.gfile.exists(os.path.join(workdir, f))]
+    existing = [
+        os.path.basename(path)
+        for pattern in _OWN_FILES
+        for path in sorted(tf.io.gfile.glob(os.path.join(workdir, pattern)))
+    ]
     if existing and not config.overwrite:
         raise ValueError(
             f"{workdir} already holds {', '.join(existing)} of an earlier evaluation; use "
