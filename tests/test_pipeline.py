@@ -70,7 +70,7 @@ def _global_step_sets(process_count, steps, num_streams=4, **kwargs):
 
 def test_embedded_dataset_is_the_default_for_the_mini_set():
     cfg = data_config(MINI)
-    assert cfg.data_dir is None and cfg.eval_split == "test" and cfg.cache
+    assert cfg.data_dir == "" and cfg.eval_split == "test" and cfg.cache
     assert os.path.isfile(os.path.join(EMBEDDED_DATA_DIR, MINI, "1.0.0", "dataset_info.json"))
     batches = pretrain_batches(cfg, cifar_views(), global_batch=16, seed=0, process_count=1)
     batch = next(iter(batches))

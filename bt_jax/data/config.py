@@ -31,8 +31,9 @@ def data_config(dataset: str = "imagenet2012", **overrides) -> ml_collections.Co
     """Where the data is and how it is read; keyword overrides replace any field.
 
     dataset: TFDS name, optionally with a config ("imagenet2012_subset/1pct").
-    data_dir: TFDS data folder; None = TFDS's default (the package's own copy for the
-      embedded cifar10_jpeg_mini).
+    data_dir: TFDS data folder (a local path or gs://...); "" = TFDS's default (its
+      TFDS_DATA_DIR, else ~/tensorflow_datasets), and for the embedded cifar10_jpeg_mini the
+      package's own copy.
     train_split / eval_split: any TFDS split string ("train", "train[:90%]", ...).
     shuffle_buffer: raw (undecoded) records held for shuffling, per process, shared by its
       streams; unused with cache=True (then every epoch is a full permutation).
@@ -53,7 +54,7 @@ def data_config(dataset: str = "imagenet2012", **overrides) -> ml_collections.Co
     cfg = ml_collections.ConfigDict(
         dict(
             dataset=dataset,
-            data_dir=None,
+            data_dir="",
             train_split="train",
             eval_split=_EVAL_SPLITS.get(name, "test"),
             shuffle_buffer=50_000 if small else 10_000,

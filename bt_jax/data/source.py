@@ -26,11 +26,12 @@ class FileSlice(NamedTuple):
     take: int
 
 
-def resolve_data_dir(dataset: str, data_dir: str | None) -> str | None:
-    """data_dir as given; the package's own copy for an embedded dataset when None."""
-    if data_dir is None and dataset.split("/")[0] in EMBEDDED_DATASETS:
+def resolve_data_dir(dataset: str, data_dir: str) -> str | None:
+    """data_dir as tfds.builder takes it: as given; when "" (unset), the package's own copy
+    for an embedded dataset and None (TFDS's default folder) for any other."""
+    if not data_dir and dataset.split("/")[0] in EMBEDDED_DATASETS:
         return EMBEDDED_DATA_DIR
-    return data_dir
+    return data_dir or None
 
 
 def _prepared_in(data_dir: str | None) -> list[str]:
@@ -44,7 +45,7 @@ def _prepared_in(data_dir: str | None) -> list[str]:
     return sorted(set(found))
 
 
-def open_builder(dataset: str, data_dir: str | None):
+def open_builder(dataset: str, data_dir: str):
     """The TFDS builder of a prepared dataset, or a ValueError naming what exists."""
     data_dir = resolve_data_dir(dataset, data_dir)
     where = data_dir or "the TFDS default data_dir"
