@@ -10,6 +10,7 @@ are parsed; its own imports are ml_collections, numpy and bt_jax.data.config.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -131,6 +132,108 @@ def pretrain_config() -> ml_collections.ConfigDict:
     config.data = data_config("imagenet2012")
     config.augment = imagenet_views(224)
     config.knn = knn_config()
+    return config
+
+
+def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
+    """Raise a ValueError, one line per bad field naming it and an accepted value.
+
+    The pretraining job calls it before it opens the data or compiles anything; so does
+    `python -m bt_jax.main --dry_run`. Names that other modules own (architectures, loss
+    strategies) are imported from them here, not while a config file loads.
+    """
+    from bt_jax.losses import STRATEGIES
+    from bt_jax.models import ARCHS, parse_projector
+
+    problems = []
+
+    def need(ok: bool, field: str, rule: str) -> None:
+        if not ok:
+            problems.append(f"config.{field}={_field(config, field)!r}: {rule}")
+
+    def positive(field: str, example) -> None:
+        value = _field(config, field)
+        need(math.isfinite(value) and value > 0, field, f"must be > 0, e.g. {example}")
+
+    def at_least(field: str, low, example) -> None:
+        value = _field(config, field)
+        need(math.isfinite(value) and value >= low, field, f"must be >= {low}, e.g. {example}")
+
+    train, optim, model = config.train, config.optim, config.model
+    for field, example in [
+        ("train.global_batch", 2048),
+        ("train.epochs", 1000),
+        ("train.log_every_steps", 100),
+        ("train.checkpoint_every_steps", 2000),
+        ("train.device_prefetch", 2),
+        ("optim.lr_weights", 0.2),
+        ("optim.lr_biases", 0.0048),
+        ("optim.eta", 0.001),
+        ("loss.scale", 1.0),
+        ("model.width", 1.0),
+        ("knn.k", 200),
+        ("knn.temperature", 0.1),
+        ("knn.global_batch", 512),
+        ("knn.image_size", 224),
+    ]:
+        positive(field, example)
+    for field, low, example in [
+        ("train.keep_checkpoints", 1, 3),
+        ("train.stop_after_steps", 0, "0 (no early stop)"),
+        ("train.debug_nan_at_step", 0, "0 (off)"),
+        ("train.debug_step_delay_s", 0, 0.0),
+        ("optim.weight_decay", 0, 1.5e-6),
+        ("optim.warmup_epochs", 0, 10),
+        ("optim.reference_world_size", 0, "0 (the true gradient)"),
+        ("loss.lambd", 0, 0.0051),
+        ("knn.every_epochs", 0, "0 (only at the end)"),
+        ("data.num_streams", 0, "0 (one per process)"),
+    ]:
+        at_least(field, low, example)
+    need(0 <= optim.momentum < 1, "optim.momentum", "must be in [0, 1), e.g. 0.9")
+    need(0 <= optim.end_factor <= 1, "optim.end_factor", "must be in [0, 1], e.g. 0.001")
+    need(optim.name == "lars", "optim.name", "the one optimizer is 'lars'")
+    if math.isfinite(optim.warmup_epochs) and train.epochs > 0:
+        need(
+            optim.warmup_epochs < train.epochs,
+            "optim.warmup_epochs",
+            f"must be below train.epochs={train.epochs}, e.g. {train.epochs // 10}",
+        )
+    need(config.loss.strategy in STRATEGIES, "loss.strategy", f"one of {', '.join(STRATEGIES)}")
+    need(model.arch in ARCHS, "model.arch", f"one of {', '.join(ARCHS)}")
+    stages = tuple(model.stage_sizes)
+    need(
+        len(stages) <= 4 and all(isinstance(s, int) and s >= 1 for s in stages),
+        "model.stage_sizes",
+        "() for the arch's own, or 1 to 4 positive block counts, e.g. (1, 1)",
+    )
+    try:
+        parse_projector(model.projector)
+    except ValueError:
+        need(False, "model.projector", "layer widths joined by '-', e.g. '8192-8192-8192'")
+    need(
+        model.dtype in _COMPUTE_DTYPES,
+        "model.dtype",
+        f"one of {', '.join(_COMPUTE_DTYPES)} (parameters stay float32)",
+    )
+    augment = config.augment
+    need(augment.pixel_ops in ("host", "device"), "augment.pixel_ops", "'host' or 'device'")
+    for view in ("view1", "view2"):
+        positive(f"augment.{view}.image_size", 224)
+        for key, value in augment[view].items():
+            if key.endswith("_prob"):
+                need(0 <= value <= 1, f"augment.{view}.{key}", "a probability in [0, 1]")
+    if problems:
+        raise ValueError("\n".join(problems))
+
+
+# Compute dtypes of the model (parameters, BN statistics and the loss are float32 anyway).
+_COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
+
+
+def _field(config, dotted: str):
+    for key in dotted.split("."):
+        config = config[key]
     return config
 
 

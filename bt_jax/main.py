@@ -27,6 +27,12 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show tracebacks of configuration errors.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run",
+    False,
+    "Parse the flags, build and check the config, print it and exit: nothing is run and "
+    "jax.distributed is not started (check a command before submitting it).",
+)
 
 # config.job -> the module whose run(config, workdir) it is
 JOBS = {
@@ -38,11 +44,30 @@ JOBS = {
 }
 
 
-def run(config, workdir: str):
+def _job_module(config) -> str:
     if config.job not in JOBS:
         raise ValueError(f"unknown job {config.job!r}; choose one of {sorted(JOBS)}")
-    job = importlib.import_module(JOBS[config.job])
+    return JOBS[config.job]
+
+
+def run(config, workdir: str):
+    job = importlib.import_module(_job_module(config))
     return job.run(config, workdir)
+
+
+def dry_run(config, workdir: str) -> None:
+    """--dry_run: the config a command would run, checked as its job checks it, printed."""
+    _job_module(config)
+    if not workdir:
+        raise ValueError("--workdir is required: the folder for checkpoints and metrics")
+    if config.job == "pretrain":
+        defaults.validate_pretrain_config(config)
+    print(config, end="")
+    print(f"bt_jax: dry run: job {config.job}, workdir {workdir}: config OK; nothing was run")
+
+
+def _one_line_each(err: Exception) -> str:
+    return "\n".join(f"bt_jax: error: {line}" for line in str(err).splitlines())
 
 
 def _explain_override_error(argv, err) -> str:
@@ -78,20 +103,25 @@ def parse_flags(argv):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py")
+    if _DRY_RUN.value:
+        try:
+            return dry_run(config, _WORKDIR.value)
+        except ValueError as err:
+            sys.exit(_one_line_each(err))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not flags.FLAGS["verbosity"].present:  # orbax and TF log every save at INFO
         logging.set_verbosity(logging.WARNING)
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config is required, e.g. --config=configs/quickstart.py")
     logging.info("config:\n%s", config)
     try:
         run(config, _WORKDIR.value)
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
         if _TRACEBACK.value:
             raise
-        print(f"bt_jax: error: {err}", file=sys.stderr, flush=True)
+        print(_one_line_each(err), file=sys.stderr, flush=True)
         sys.exit(1)
 
 
