@@ -283,6 +283,29 @@ def test_bad_images_stream_skip_and_count(bad_dir, cache):
     assert 10 <= batches.num_skipped <= 30
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_resume_on_corrupt_data_is_exact_given_the_per_stream_skips(bad_dir, cache):
+    """Undecodable records shift a stream: resuming at start_step * batch would re-read
+    records. Told how many each stream skipped (what checkpoints record), the resumed
+    pipeline yields exactly the uninterrupted one's batches, views included."""
+    cfg = data_config("bad_images", data_dir=bad_dir, cache=cache, num_streams=2)
+
+    def batches(**resume):
+        return pretrain_batches(cfg, cifar_views(16), global_batch=4, seed=0, process_index=0,
+                                process_count=1, with_ids=True, **resume)  # fmt: skip
+
+    whole = batches()
+    steps = _take(whole, 10)
+    per_stream = sum(list(whole.skipped_per_batch)[:4])
+    assert per_stream.sum() > 0 and len(per_stream) == 2
+    resumed = _take(batches(start_step=4, skipped_before=per_stream), 6)
+    for got, expected in zip(resumed, steps[4:], strict=True):
+        assert got["id"].tolist() == expected["id"].tolist()
+        np.testing.assert_array_equal(got["view1"], expected["view1"])
+    naive = _take(batches(start_step=4), 6)  # the old resume: records counted as if clean
+    assert [b["id"].tolist() for b in naive] != [b["id"].tolist() for b in steps[4:]]
+
+
 def test_bad_images_in_eval(bad_dir):
     cfg = data_config("bad_images", data_dir=bad_dir)
     e = eval_batches(cfg, "test", global_batch=4, image_size=24, process_count=1)

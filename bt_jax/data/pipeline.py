@@ -8,14 +8,16 @@ augmentation is drawn from stateless ops keyed by (seed, stream, epoch, position
 epoch). So the global batch at step k is the same set of examples with the same views for any
 P dividing S, and resuming at `start_step` skips the consumed raw records without decoding.
 
-Undecodable images are dropped after the decode (tf.data ignore_errors) and counted; they
-shift the batches of their stream, so exact reproducibility holds for clean data.
+Undecodable images are dropped after the decode (tf.data ignore_errors) and counted per
+stream; they shift the later batches of their stream, so a resume that is told how many
+each stream skipped (checkpoints record it) restarts each stream at its exact record.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -120,18 +122,24 @@ class Streams:
         with_label: bool,
         with_ids: bool = False,
         epochs: int | None = None,
+        skipped_before: Sequence[int] = (),
     ) -> tf.data.Dataset:
         """Zipped per-process batches of example_fn(record, key) -> dict, plus "skipped"
         (int32 per example: the undecodable records dropped just before it) and, with_ids,
         the examples' "id" feature.
+
+        skipped_before[s]: the undecodable records stream s skipped in steps 1..start_step
+        (the sums of their "skipped"); the stream then resumes at the raw record after the
+        last one used, exactly, corrupt data or not. Without it, at start_step * mini_batch.
         """
         self.parse = source.record_parser(self.builder, with_label, with_ids)
         per_epoch = self.steps_per_epoch * self.mini_batch
-        start_epoch, start_offset = divmod(start_step, self.steps_per_epoch)
-        start_offset *= self.mini_batch
         last_epoch = 2**62 if epochs is None else epochs
 
         def stream_dataset(stream: int) -> tf.data.Dataset:
+            skipped = skipped_before[stream] if skipped_before else 0
+            position = start_step * self.mini_batch + skipped  # raw records already used
+            start_epoch, start_offset = divmod(position, per_epoch)
             records = None
             if self.cfg.cache:
                 stream_slices = source.cut(
@@ -165,9 +173,7 @@ class Streams:
                 epochs_ds.flat_map(epoch_records)
                 .map(make_example, num_parallel_calls=_AUTOTUNE, deterministic=True)
                 .ignore_errors()
-                .scan(
-                    tf.constant(start_epoch * per_epoch + start_offset - 1, tf.int64), count_skipped
-                )
+                .scan(tf.constant(position - 1, tf.int64), count_skipped)
                 .batch(self.mini_batch, drop_remainder=True)
             )
 
@@ -205,7 +211,11 @@ class PretrainBatches:
     """Iterable of host-local {"view1", "view2"} uint8 batches, forever (see pretrain_batches).
 
     Attributes: steps_per_epoch, num_streams, local_streams (this process's), num_examples
-    (of the split), local_batch, num_skipped (undecodable images skipped so far).
+    (of the split), local_batch, start_step, num_skipped (undecodable images skipped so far),
+    skipped_per_batch (a deque: for each batch yielded, in order, an int64[num_streams] of
+    the undecodable images each stream dropped to fill it, zero for other processes'
+    streams; a consumer that pops one per batch it uses counts exactly, however far ahead
+    batches are prefetched). The tf.data pipeline is built on first iteration.
     """
 
     def __init__(
@@ -217,25 +227,64 @@ class PretrainBatches:
         start_step: int,
         local_batch: int,
         with_ids: bool,
+        skipped_before: Sequence[int] = (),
     ):
+        self._streams, self._views_cfg, self._seed, self._with_ids = (
+            streams,
+            views_cfg,
+            seed,
+            with_ids,
+        )
+        self.start_step, self._skipped_before = start_step, tuple(skipped_before)
         self.steps_per_epoch = streams.steps_per_epoch
         self.num_streams, self.local_streams = streams.num_streams, streams.mine
         self.num_examples, self.local_batch = streams.num_examples, local_batch
-
-        def example_fn(record, key):
-            return augment.two_views(record["image"], key, views_cfg)
-
-        self.dataset = streams.dataset(
-            example_fn, seed=seed, start_step=start_step, with_label=False, with_ids=with_ids
-        )
+        self._dataset = None
         self._skips = SkipCounter(streams.cfg.log_skipped_every, f"pretrain {streams.cfg.dataset}")
+        self.skipped_per_batch = collections.deque(maxlen=1024)  # >> any prefetch depth
+
+    def resumed_at(self, step: int, skipped_before: Sequence[int] = ()) -> PretrainBatches:
+        """The same batches from step `step` on (nothing is read until iterated);
+        skipped_before: per stream, the undecodable images skipped in steps 1..step."""
+        return PretrainBatches(
+            self._streams,
+            self._views_cfg,
+            seed=self._seed,
+            start_step=step,
+            local_batch=self.local_batch,
+            with_ids=self._with_ids,
+            skipped_before=skipped_before,
+        )
+
+    @property
+    def dataset(self) -> tf.data.Dataset:
+        if self._dataset is None:
+            views_cfg = self._views_cfg
+
+            def example_fn(record, key):
+                return augment.two_views(record["image"], key, views_cfg)
+
+            self._dataset = self._streams.dataset(
+                example_fn,
+                seed=self._seed,
+                start_step=self.start_step,
+                with_label=False,
+                with_ids=self._with_ids,
+                skipped_before=self._skipped_before,
+            )
+        return self._dataset
 
     @property
     def num_skipped(self) -> int:
         return self._skips.total
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        mini_batch = self._streams.mini_batch
         for batch in self.dataset.as_numpy_iterator():
+            per_stream = np.zeros(self.num_streams, np.int64)
+            local = batch["skipped"].reshape(len(self.local_streams), mini_batch).sum(1)
+            per_stream[self.local_streams] = local  # streams are concatenated in order
+            self.skipped_per_batch.append(per_stream)
             yield self._skips(batch)
 
 
@@ -249,13 +298,16 @@ def pretrain_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     with_ids: bool = False,
+    skipped_before: Sequence[int] = (),
 ) -> PretrainBatches:
     """Two augmented views per image, host-local batches of global_batch / process_count.
 
     data_cfg: `config.data_config(...)`; views_cfg: `imagenet_views()` / `cifar_views()`.
     Yields {"view1": uint8[B, H, W, 3], "view2": uint8[B, H, W, 3]} forever; the batch at step
     k (counting from 0, over epochs of `.steps_per_epoch`) depends only on the dataset, seed,
-    num_streams and k. start_step resumes at step start_step exactly. process_index /
+    num_streams and k. start_step resumes at step start_step exactly (with undecodable
+    images in the data, given skipped_before: per stream, the sums of the
+    `.skipped_per_batch` of steps 1..start_step, as checkpoints record them). process_index /
     process_count default to jax's; pass them to simulate processes. with_ids adds the
     examples' TFDS "id" feature (bytes[B]), for debugging and tests. With
     views_cfg.pixel_ops == "device" the views are only cropped, resized and flipped, and
@@ -279,4 +331,5 @@ def pretrain_batches(
         start_step=start_step,
         local_batch=global_batch // count,
         with_ids=with_ids,
+        skipped_before=skipped_before,
     )
