@@ -124,7 +124,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
             keep_checkpoints=3,
             async_checkpoints=True,
             device_prefetch=2,
-            debug_nan_at_step=-1,  # >=0: multiply the loss by NaN at that step (tests)
+            debug_nan_at_step=0,  # >= 1: multiply that step's loss by NaN (tests); 0 = off
             debug_step_delay_s=0.0,  # host sleep after each step (tests that kill a run)
             wandb_project="",  # log to this Weights & Biases project too ("" = off)
         )

@@ -163,3 +163,42 @@ def prefetch_to_mesh(batches: Iterable, mesh: Mesh, size: int = 2) -> Iterator:
     while queue:
         yield queue.popleft()
         enqueue(1)
+
+
+def is_process_0() -> bool:
+    return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any (a collective: all must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+    return bool(np.max(flags))
+
+
+def process_sum(values: np.ndarray) -> np.ndarray:
+    """The elementwise sum over processes of host-side counts below 2^31 (a collective: all
+    must call it; jax without x64 moves int32)."""
+    values = np.asarray(values, np.int64)
+    if jax.process_count() == 1:
+        return values
+    gathered = multihost_utils.process_allgather(values.astype(np.int32))
+    return np.asarray(gathered, np.int64).sum(0)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (no-op on one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast_text(text: str, size: int = 2048) -> str:
+    """Process 0's `text` (UTF-8, cut to `size` bytes) on every process."""
+    if jax.process_count() == 1:
+        return text
+    data = np.zeros(size, np.uint8)
+    encoded = text.encode()[:size]
+    data[: len(encoded)] = np.frombuffer(encoded, np.uint8)
+    data = np.asarray(multihost_utils.broadcast_one_to_all(data))
+    return bytes(data).rstrip(b"\0").decode(errors="replace")

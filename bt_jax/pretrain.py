@@ -27,7 +27,15 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from bt_jax import checkpoint, distributed, losses, optim, reporting
+from bt_jax import (
+    checkpoint,
+    defaults,
+    distributed,
+    losses,
+    optim,
+    reporting,
+    workdir_lock,
+)
 from bt_jax.data import pretrain_batches
 from bt_jax.data.device_ops import finish_views
 from bt_jax.evaluation import knn
@@ -123,22 +131,40 @@ def init_state(model, tx, config, image_size: int) -> TrainState:
 
 
 class PreemptionWatch:
-    """Turns SIGTERM into "checkpoint at a step every process agrees on, then exit 0"."""
+    """Turns SIGTERM into "checkpoint at a step every process agrees on, then exit 0".
+
+    The job creates it first, so SIGTERM during start-up (data, restore, compile) is caught
+    too. One process: a Python handler sets a flag, and a signal before the first step ends
+    the run at once with nothing to save. Several processes: jax.distributed's preemption
+    service (installed by jax.distributed.initialize) takes the signal and picks the sync
+    step as 1 + the largest step any process has reported, counting from 0 in every
+    process; the loop therefore reports the steps done *in this run*, so a notice during
+    the start-up of a resumed run stops it after its first step instead of never.
+    """
 
     def __init__(self):
         self._event = threading.Event()
         self.multi_process = jax.process_count() > 1
-        if not self.multi_process:  # jax.distributed's own service handles SIGTERM otherwise
-            signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+        self._previous = None
+        if not self.multi_process:
+            self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
 
-    def reached(self, step: int) -> bool:
+    def before_first_step(self) -> bool:
+        return not self.multi_process and self._event.is_set()
+
+    def reached(self, steps_this_run: int) -> bool:
         if self.multi_process:
-            return multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(steps_this_run)
         return self._event.is_set()
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def schedule_summary(config, steps_per_epoch: int) -> dict:
-    """Epochs -> steps, in one place."""
+    """Epochs -> steps, in one place. Steps count from 1: step k is the k-th update, as in
+    the progress lines, the metrics, the checkpoints' names and every message."""
     total = config.train.epochs * steps_per_epoch
     stop = min(total, config.train.stop_after_steps or total)
     return dict(
@@ -149,60 +175,29 @@ def schedule_summary(config, steps_per_epoch: int) -> dict:
     )
 
 
-def _checkpoint_meta(config, step: int, plan: dict, wandb_run_id: str = "") -> dict:
-    return {
-        "step": step,
-        # The W&B run a resumed run continues ("" = none): process 0's, whose meta orbax writes.
-        "wandb_run_id": wandb_run_id,
-        "epoch": step / plan["steps_per_epoch"],
-        # The data position: the pipeline is a function of (seed, streams, batch, step).
-        "data": {
-            "next_step": step,
-            "seed": config.seed,
-            "global_batch": config.train.global_batch,
-            "num_streams": config.data.num_streams,
-            "dataset": config.data.dataset,
-        },
-        "config": config.to_dict(),
-    }
-
-
-def _check_resumable(meta: dict, config) -> None:
-    saved = meta["config"]
-    for section, key in [
-        ("model", "arch"),
-        ("model", "projector"),
-        ("model", "width"),
-        ("train", "global_batch"),
-        ("data", "dataset"),
-        ("data", "num_streams"),
-    ]:
-        old, new = saved[section][key], config[section][key]
-        if list(np.atleast_1d(old)) != list(np.atleast_1d(new)):
-            raise ValueError(
-                f"the workdir's checkpoint was made with {section}.{key}={old!r} but this run "
-                f"has {new!r}; use a fresh --workdir or the original setting"
-            )
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Pretrain, checkpointing and resuming from workdir; returns the final metrics."""
-    workdir = checkpoint.check_workdir(workdir)
+    """Pretrain, checkpointing and resuming from workdir; returns the final metrics.
+
+    Before anything is opened or compiled: the config is validated and the workdir locked
+    (one run per workdir); SIGTERM is handled from the first line on.
+    """
+    watch = PreemptionWatch()
+    say = reporting.Progress(0, 0).say
+    try:
+        defaults.validate_pretrain_config(config)
+        workdir = checkpoint.check_workdir(workdir)
+        with workdir_lock.hold(workdir, say=say):
+            return _train(config, workdir, watch, say)
+    finally:
+        watch.close()
+
+
+def _train(config, workdir: str, watch: PreemptionWatch, say) -> dict:
     mesh = distributed.make_mesh()
     distributed.check_global_batch(config.train.global_batch, mesh)
-    ckpt = checkpoint.Checkpointer(
-        workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints
-    )
-    start = ckpt.latest_step() or 0
-    if start:
-        _check_resumable(ckpt.restore_meta(start), config)
     # Opening the pipeline before any compile makes a missing dataset fail fast.
     batches = pretrain_batches(
-        config.data,
-        config.augment,
-        global_batch=config.train.global_batch,
-        seed=config.seed,
-        start_step=start,
+        config.data, config.augment, global_batch=config.train.global_batch, seed=config.seed
     )
     plan = schedule_summary(config, batches.steps_per_epoch)
     model = build_model(config.model)
@@ -214,19 +209,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     image_size = config.augment.view1.image_size
     replicated = distributed.replicated(mesh)
+    ckpt = checkpoint.Checkpointer(
+        workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints
+    )
+    check = functools.partial(
+        checkpoint.check_resumable, config=config, streams=batches.num_streams
+    )
     with jax.set_mesh(mesh):
         init = jax.jit(
             functools.partial(init_state, model, tx, config, image_size), out_shardings=replicated
         )
-        if start:
-            abstract = jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                jax.eval_shape(init),
-            )
-            state, _ = ckpt.restore(start, abstract)
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+            jax.eval_shape(init),
+        )
+        try:
+            restored = ckpt.restore_latest(abstract, check, say=say)
+        except Exception:
+            ckpt.close()
+            raise
+        # Undecodable images skipped so far, per stream: they shift each stream's position.
+        skipped_streams = np.zeros(batches.num_streams, np.int64)
+        wandb_run_id = ""  # the W&B run a resumed run continues
+        if restored:
+            state, meta = restored
+            start, wandb_run_id = int(meta["step"]), meta.get("wandb_run_id", "")
+            skipped_streams += meta.get("data", {}).get("skipped_per_stream", 0)
             logging.info("resumed from step %d in %s", start, ckpt.directory)
         else:
-            state = init()
+            state, start = init(), 0
+    skipped = int(skipped_streams.sum())
 
     progress = reporting.Progress(plan["stop_step"], start)
     progress.say(
@@ -238,37 +250,54 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start >= plan["stop_step"]:
         progress.say(f"already trained to step {start}; nothing to do")
         ckpt.close()
-        return {"step": start}
+        return {"step": start, "skipped_images": skipped}
+    if watch.before_first_step():
+        progress.say(
+            "preemption signal before the first step: nothing new to save "
+            + (f"(the checkpoint of step {start} stays)" if start else "(no step was taken)")
+            + "; rerun the same command to resume"
+        )
+        ckpt.close()
+        return {"step": start, "preempted": True, "skipped_images": skipped}
 
+    batches = batches.resumed_at(start, skipped_streams)
     device_batches = distributed.prefetch_to_mesh(batches, mesh, config.train.device_prefetch)
     writer = reporting.MetricWriter(
         workdir,
         resume_step=start,
         wandb_project=config.train.wandb_project,
-        wandb_run_id=ckpt.restore_meta(start).get("wandb_run_id", "") if start else "",
+        wandb_run_id=wandb_run_id,
         config=config.to_dict(),
     )
-    watch = PreemptionWatch()
     step_fn = functools.partial(
         train_step,
         **step_options(config, model, tx, mesh),
-        nan_at=config.train.debug_nan_at_step,
+        # the config counts steps from 1 (0 = off), train_step the updates done before it
+        nan_at=config.train.debug_nan_at_step - 1,
     )
     knn_every = config.knn.every_epochs * plan["steps_per_epoch"]
-    pending, last = [], {}
+    pending, last, skipped_since = [], {}, np.zeros_like(skipped_streams)
     t_log, wait_time, step = time.perf_counter(), 0.0, start
-    last_good_ckpt = start if start else None
+    last_saved = start
 
     def save(at_step, wait=False):
         writer.flush()  # the rows up to at_step are on disk before its checkpoint commits
-        meta = _checkpoint_meta(config, at_step, plan, wandb_run_id=writer.wandb_run_id)
+        meta = checkpoint.run_meta(
+            config, at_step, plan, batches.num_streams, skipped_streams, writer.wandb_run_id
+        )
         ckpt.save(at_step, state, meta, wait=wait)
+
+    def stop(text):
+        progress.say(f"{text} | undecodable images skipped: {skipped} in steps 1-{step}")
+        ckpt.close()
+        writer.close()
 
     with jax.set_mesh(mesh):
         while step < plan["stop_step"]:
             t0 = time.perf_counter()
             batch = next(device_batches)
             wait_time += time.perf_counter() - t0
+            skipped_since += batches.skipped_per_batch.popleft()
             state, metrics = step_fn(state, batch)
             pending.append(metrics)
             step += 1
@@ -277,21 +306,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
             report = step % config.train.log_every_steps == 0 or step == plan["stop_step"]
             ckpt_due = step % config.train.checkpoint_every_steps == 0
-            preempted = watch.reached(step)
-            if report or ckpt_due or preempted:
-                bad = int(jax.device_get(state.first_bad_step))
-                if bad >= 0:
-                    ckpt.close()
-                    writer.close()
-                    raise FloatingPointError(
-                        f"the loss became non-finite at step {bad}; stopping. The last good "
-                        f"checkpoint (step {ckpt.latest_step()}) is in {ckpt.directory}. "
-                        "Usual causes: a learning rate too high for the batch size, bf16 "
-                        "overflow (try --config.model.dtype=float32), or corrupt inputs."
-                    )
+            preempted = watch.reached(step - start)
+            if report or ckpt_due or preempted:  # every process gets here at the same steps
+                _raise_if_non_finite(state, ckpt, writer)
+                skipped_streams += distributed.process_sum(skipped_since)
+                skipped, skipped_since = int(skipped_streams.sum()), np.zeros_like(skipped_since)
             if report:
                 elapsed = time.perf_counter() - t_log
                 last = _summarise(pending, step, elapsed, wait_time, schedules, config, plan)
+                last["skipped_images"] = skipped
                 writer.write(step, last)
                 progress.report(step, _progress_text(last))
                 pending, t_log, wait_time = [], time.perf_counter(), 0.0
@@ -299,27 +322,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 _knn_monitor(config, model, state, mesh, writer, progress, step)
             if ckpt_due or preempted:
                 save(step, wait=preempted)
-                last_good_ckpt = step
+                last_saved = step
             if preempted:
-                progress.say(
+                stop(
                     f"preemption signal: checkpoint of step {step} written to "
                     f"{ckpt.directory}; rerun the same command to resume"
                 )
-                ckpt.close()
-                writer.close()
-                return {"step": step, "preempted": True, **last}
+                return {"step": step, "preempted": True, **last, "skipped_images": skipped}
 
-    if last_good_ckpt != step:
+    if last_saved != step:
         save(step)
-    result = {"step": step, **last}
+    result = {"step": step, **last, "skipped_images": skipped}
     if config.knn.at_end:
         result.update(_knn_monitor(config, model, state, mesh, writer, progress, step))
-    ckpt.close()
-    writer.close()
+    stop(f"done at step {step}; checkpoints in {ckpt.directory}")
     return result
 
 
 run = train_and_evaluate  # the job entry point main.py calls
+
+
+def _raise_if_non_finite(state, ckpt, writer) -> None:
+    """Stop the run if a loss was non-finite; the poisoned state never reaches a checkpoint."""
+    bad = int(jax.device_get(state.first_bad_step))  # updates done before the bad one
+    if bad < 0:
+        return
+    ckpt.wait()
+    good = ckpt.latest_step()
+    ckpt.close()
+    writer.close()
+    kept = (
+        f"The last good checkpoint, step {good}, is in {ckpt.directory}"
+        if good is not None
+        else f"No checkpoint was written before it ({ckpt.directory} holds none)"
+    )
+    raise FloatingPointError(
+        f"the loss became non-finite at step {bad + 1}; stopping. {kept}. Usual causes: a "
+        "learning rate too high for the batch size, bf16 overflow (try "
+        "--config.model.dtype=float32), or corrupt inputs."
+    )
 
 
 def _summarise(pending, step, elapsed, wait_time, schedules, config, plan) -> dict:
@@ -340,12 +381,13 @@ def _summarise(pending, step, elapsed, wait_time, schedules, config, plan) -> di
 
 
 def _progress_text(m: dict) -> str:
+    skipped = m.get("skipped_images", 0)
     return (
         f"ep {m['epoch']:.2f} | loss {m['loss']:.2f} (inv {m['invariance']:.2f}, red "
         f"{m['redundancy']:.1f}) | lr {m['lr_weights']:.4g}/{m['lr_biases']:.3g} | "
         f"{m['images_per_s']:.1f} img/s ({m['images_per_s_per_device']:.1f}/dev) "
         f"{m['step_time_s']:.3f} s/step, input wait {100 * m['input_wait_fraction']:.0f}%"
-    )
+    ) + (f" | {skipped} undecodable images skipped" if skipped else "")
 
 
 def _knn_monitor(config, model, state, mesh, writer, progress, step) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -42,7 +43,9 @@ def run_main(workdir, *overrides, devices=8, timeout=600, check=True):
     return result
 
 
-def run_multiprocess(workdir, *overrides, processes=2, devices_per_process=4, timeout=600):
+def run_multiprocess(
+    workdir, *overrides, processes=2, devices_per_process=4, timeout=600, check=True
+):
     cmd = [
         sys.executable,
         "launch/local_multiprocess.py",
@@ -61,7 +64,7 @@ def run_multiprocess(workdir, *overrides, processes=2, devices_per_process=4, ti
         text=True,
         timeout=timeout,
     )
-    if result.returncode != 0:
+    if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
 
@@ -82,3 +85,11 @@ def final_params(workdir, step=None):
 def max_abs_diff(a, b) -> float:
     diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)
     return max(jax.tree.leaves(diffs))
+
+
+def truncate_an_array_file(step_dir) -> None:
+    """Damage a real orbax checkpoint: cut its largest array data file in half."""
+    arrays = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+    biggest = max(arrays, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)

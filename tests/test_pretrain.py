@@ -8,6 +8,7 @@ not change what is computed (the cached executable is the one that would be comp
 
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import time
@@ -24,9 +25,11 @@ from e2e import (
     read_metrics,
     run_main,
     run_multiprocess,
+    truncate_an_array_file,
 )
 
 from bt_jax.defaults import load_config
+from bt_jax.workdir_lock import LOCK_NAME
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
@@ -75,6 +78,8 @@ def test_reference_run_reports_progress_and_metrics(reference):
     assert 0 <= knn_rows[0]["knn_top1"] <= knn_rows[0]["knn_top5"] <= 100
     assert knn_rows[0]["knn_num_queries"] == 1000  # the embedded test split, counted once
     assert "kNN (k=200, backbone features, cifar10_jpeg_mini)" in result.stdout
+    assert all(r["skipped_images"] == 0 for r in rows)  # the embedded set decodes cleanly
+    assert "undecodable images skipped: 0 in steps 1-12" in result.stdout.splitlines()[-1]
     _, meta, step = final_params(workdir)
     assert step == STEPS and meta["data"]["next_step"] == STEPS
     assert meta["config"]["model"]["projector"] == "64-64"
@@ -89,7 +94,9 @@ def test_one_device_gives_the_eight_device_loss_curve(reference, tmp_path):
     np.testing.assert_allclose(one, eight, rtol=1e-5)
 
 
-def test_two_processes_equal_one_process(reference, tmp_path):
+def test_two_processes_equal_one_process_and_agree_on_a_fallback(reference, tmp_path):
+    """2 processes x 4 devices compute the 1 x 8 run; after a damaged latest checkpoint both
+    resume from the previous one, and process 0 alone moves the damaged one aside, once."""
     workdir, _ = reference
     result = run_multiprocess(tmp_path, *COMMON, "--config.train.stop_after_steps=6")
     assert "[p0]" in result.stdout and "2 process(es), 8 devices" in result.stdout
@@ -97,6 +104,64 @@ def test_two_processes_equal_one_process(reference, tmp_path):
     ref, _, _ = final_params(workdir, step=6)
     assert step == 6
     assert max_abs_diff(ours, ref) <= 1e-5
+
+    truncate_an_array_file(tmp_path / "checkpoints" / "6")
+    result = run_multiprocess(tmp_path, *COMMON, "--config.train.stop_after_steps=9")
+    moved = [ln for ln in result.stdout.splitlines() if "checkpoint 6 cannot be read" in ln]
+    assert len(moved) == 1 and moved[0].startswith("[p0] [pretrain] checkpoint 6 cannot")
+    assert len(os.listdir(tmp_path / "checkpoints_unreadable")) == 1
+    assert "resuming at step 3" in result.stdout
+    ours, _, step = final_params(tmp_path)
+    assert step == 9
+    assert max_abs_diff(ours, final_params(workdir, step=9)[0]) <= 1e-5
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_bit_for_bit(reference, tmp_path):
+    """Step 12's arrays truncated and step 9's meta item lost: the rerun says so, moves both
+    aside, resumes from step 6 and reaches the uninterrupted run's parameters exactly."""
+    workdir, _ = reference
+    expected, _, _ = final_params(workdir, step=STEPS)
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+    truncate_an_array_file(tmp_path / "checkpoints" / "12")
+    shutil.rmtree(tmp_path / "checkpoints" / "9" / "meta")
+    result = run_main(tmp_path, *COMMON, f"--config.train.stop_after_steps={STEPS}")
+    lines = result.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines if "cannot be read" in ln] == [
+        "[pretrain] checkpoint 12 cannot be read",
+        "[pretrain] checkpoint 9 cannot be read",
+    ]
+    assert "resuming at step 6" in result.stdout
+    assert sorted(n.split("-")[0] for n in os.listdir(tmp_path / "checkpoints_unreadable")) == [
+        "12",
+        "9",
+    ]
+    ours, _, step = final_params(tmp_path)
+    assert step == STEPS
+    assert max_abs_diff(ours, expected) == 0.0
+
+
+def test_resuming_with_another_model_is_one_line_per_field(reference, tmp_path):
+    """cifar_stem used to give ~700 lines and orbax's advice, stage_sizes a tree diff."""
+    workdir, _ = reference
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+    result = run_main(
+        tmp_path,
+        *COMMON,
+        "--config.model.cifar_stem=False",
+        "--config.model.stage_sizes=(1, 2)",
+        check=False,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("bt_jax: error")]
+    assert errors == [
+        "bt_jax: error: config.model.cifar_stem=False but the workdir's checkpoints were made "
+        "with True: resume with --config.model.cifar_stem=True, or start a new run in a fresh "
+        "--workdir",
+        "bt_jax: error: config.model.stage_sizes='(1, 2)' but the workdir's checkpoints were "
+        "made with '(1, 1)': resume with --config.model.stage_sizes='(1, 1)', or start a new "
+        "run in a fresh --workdir",
+    ]
+    assert not os.path.exists(tmp_path / "checkpoints_unreadable")
 
 
 def _start(workdir, *overrides):
@@ -148,6 +213,7 @@ def test_sigkill_and_sigterm_then_resume_reach_the_same_parameters(reference, tm
     _, _, preempted_at = final_params(tmp_path)
     assert preempted_at < STEPS
 
+    assert not (tmp_path / LOCK_NAME).exists()  # released on SIGTERM (and SIGKILL: stale)
     run_main(tmp_path, *COMMON, f"--config.train.stop_after_steps={STEPS}")
     ours, _, step = final_params(tmp_path)
     assert step == STEPS
@@ -157,19 +223,45 @@ def test_sigkill_and_sigterm_then_resume_reach_the_same_parameters(reference, tm
     assert diff == 0.0, f"killed after {killed_after}, preempted at {preempted_at}: {diff}"
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+@pytest.mark.parametrize("bad_step", [4, 1])
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, bad_step):
+    """Steps count from 1 in every message: the NaN at step 4 comes after the progress line
+    of step 3 (the message used to say "step 3" for it, and "(step None)" with no
+    checkpoint)."""
     result = run_main(
         tmp_path,
         *COMMON,
         f"--config.train.stop_after_steps={STEPS}",
-        "--config.train.debug_nan_at_step=4",
+        f"--config.train.debug_nan_at_step={bad_step}",
         check=False,
     )
     assert result.returncode != 0
-    assert "loss became non-finite at step 4" in result.stderr
+    assert f"loss became non-finite at step {bad_step}; stopping" in result.stderr
+    logged = [r["step"] for r in read_metrics(tmp_path)] if bad_step > 1 else []
+    assert logged == list(range(1, bad_step))  # the progress lines end at the step before
+    assert f"[pretrain] step {bad_step - 1}/{STEPS}" in result.stdout or bad_step == 1
+    assert not (tmp_path / LOCK_NAME).exists()  # released on an error
+    if bad_step == 1:
+        assert "No checkpoint was written before it" in result.stderr
+        return
+    assert "The last good checkpoint, step 3, is in" in result.stderr
     params, _, step = final_params(tmp_path)
     assert step == 3  # checkpoints every 3 steps; the poisoned state never reaches disk
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_sigterm_before_the_first_step_exits_0_with_nothing_to_save(tmp_path):
+    proc = _start(tmp_path, f"--config.train.stop_after_steps={STEPS}")
+    deadline = time.time() + 300
+    while not (tmp_path / LOCK_NAME).exists():  # the job's handler is installed before it
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "preemption signal before the first step: nothing new to save" in out
+    assert not os.listdir(tmp_path / "checkpoints")
+    assert not (tmp_path / LOCK_NAME).exists()
 
 
 def test_unknown_config_key_fails_with_one_clear_line(tmp_path):
@@ -208,3 +300,45 @@ def test_unwritable_workdir(tmp_path):
     blocker.write_text("")
     with pytest.raises(ValueError, match="not writable"):
         pretrain.train_and_evaluate(_smoke_config(), str(blocker / "sub"))
+
+
+@pytest.fixture(scope="module")
+def mixed_images_dir(tmp_path_factory):
+    """A TFDS set of 32 training records, 8 of them undecodable (garbage, truncated JPEG)."""
+    from test_pipeline import _encoded, _write_tfds
+
+    good = ["rgb", "gray", "cmyk", "png", "tiny", "rgb"] * 4
+    bad = ["garbage", "truncated"] * 4
+    examples = [(_encoded(kind), 0) for kind in good + bad]
+    root = str(tmp_path_factory.mktemp("tfds"))
+    _write_tfds(root, "mixed", {"train": examples, "test": examples[:8]})
+    return root
+
+
+def test_skipped_images_are_counted_in_metrics_and_at_the_end(mixed_images_dir, tmp_path):
+    """Batches of 8 over epochs of all 32 records (24 decodable): 6 steps use the decodable
+    images of exactly 2 epochs, so between 8 (epoch 0's) and 16 undecodable ones were
+    skipped. The count survives a resume: 3 steps + 3 resumed steps count what 6 do."""
+    data = (
+        "--config.data.dataset=mixed",
+        f"--config.data.data_dir={mixed_images_dir}",
+        "--config.data.num_streams=1",
+        "--config.train.global_batch=8",
+        "--config.train.checkpoint_every_steps=3",
+    )
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    result = run_main(whole, *data, "--config.train.stop_after_steps=6")
+    run_main(resumed, *data, "--config.train.stop_after_steps=3")
+    again = run_main(resumed, *data, "--config.train.stop_after_steps=6")
+    totals = [r["skipped_images"] for r in read_metrics(whole)]
+    assert 8 <= totals[-1] <= 16 and totals == sorted(totals)
+    assert [r["skipped_images"] for r in read_metrics(resumed)] == totals
+    for out in (result.stdout, again.stdout):
+        last = out.splitlines()[-1]
+        assert last.startswith("[pretrain] done at step 6") and last.endswith(
+            f"undecodable images skipped: {int(totals[-1])} in steps 1-6"
+        )
+    assert f"{int(totals[-1])} undecodable images skipped" in result.stdout  # progress lines
+    # the resumed streams restart at their exact records (checkpoints keep the per-stream
+    # counts that shift them), so even on corrupt data the resume is bit for bit
+    assert max_abs_diff(final_params(resumed)[0], final_params(whole)[0]) == 0.0
