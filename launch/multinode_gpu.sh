@@ -196,7 +196,8 @@ echo "[multinode_gpu] node $node_rank/$num_nodes: $(qjoin "${cmd[@]}")" >&2
 trap '' HUP
 "${cmd[@]}" &
 child=$!
-# shellcheck disable=SC2329  # invoked by the traps below
+# Invoked by the traps below (SC2329 in shellcheck >= 0.10, SC2317 before).
+# shellcheck disable=SC2317,SC2329
 forward() {
   echo "[multinode_gpu] $1 received: SIGTERM to bt_jax (pid $child), which checkpoints and exits" >&2
   kill -TERM "$child" 2>/dev/null || true
