@@ -33,8 +33,6 @@ import uuid
 
 from etils import epath
 
-from bt_jax import distributed
-
 LOCK_NAME = "run.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 120.0
@@ -161,6 +159,8 @@ class WorkdirLock:
 @contextlib.contextmanager
 def hold(workdir: str, say=print):
     """The workdir's lock for the duration of a run; process 0 holds it for all processes."""
+    from bt_jax import distributed  # jax: only here; the lock itself is plain file work
+
     lock = WorkdirLock(workdir) if distributed.is_process_0() else None
     error = ""
     if lock is not None:

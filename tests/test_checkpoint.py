@@ -14,12 +14,14 @@ one move, too.)
 import glob
 import os
 import shutil
+import types
 
 import jax
+import numpy as np
 import pytest
 from e2e import truncate_an_array_file
 
-from bt_jax import checkpoint, distributed, models, optim, pretrain
+from bt_jax import checkpoint, distributed, models, optim, pretrain, reporting
 from bt_jax.defaults import load_config
 
 
@@ -143,3 +145,14 @@ def test_nothing_readable_left_stops_with_the_folder_and_never_starts_afresh(sav
 def test_a_fresh_workdir_has_nothing_to_restore(tmp_path):
     _, mesh, abstract, _ = _abstract_and_init()
     assert _restore(tmp_path, mesh, abstract) == (None, [])
+
+
+def test_a_non_finite_loss_before_any_checkpoint_says_so(tmp_path):
+    """The NaN stop used to end "last good checkpoint (step None)"."""
+    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    state = types.SimpleNamespace(first_bad_step=np.int32(0))  # the first update's loss
+    with pytest.raises(FloatingPointError) as raised:
+        pretrain._raise_if_non_finite(state, ckpt, reporting.MetricWriter("", enabled=False))
+    assert str(raised.value).startswith(
+        "the loss became non-finite at step 1; stopping. No checkpoint was written before it"
+    )

@@ -223,27 +223,22 @@ def test_sigkill_and_sigterm_then_resume_reach_the_same_parameters(reference, tm
     assert diff == 0.0, f"killed after {killed_after}, preempted at {preempted_at}: {diff}"
 
 
-@pytest.mark.parametrize("bad_step", [4, 1])
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, bad_step):
-    """Steps count from 1 in every message: the NaN at step 4 comes after the progress line
-    of step 3 (the message used to say "step 3" for it, and "(step None)" with no
-    checkpoint)."""
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    """Steps count from 1 in every message: the NaN of step 4 comes right after the progress
+    line of step 3 (the message used to call it step 3; see test_checkpoint.py for the
+    message without any checkpoint, which used to say "(step None)")."""
     result = run_main(
         tmp_path,
         *COMMON,
         f"--config.train.stop_after_steps={STEPS}",
-        f"--config.train.debug_nan_at_step={bad_step}",
+        "--config.train.debug_nan_at_step=4",
         check=False,
     )
     assert result.returncode != 0
-    assert f"loss became non-finite at step {bad_step}; stopping" in result.stderr
-    logged = [r["step"] for r in read_metrics(tmp_path)] if bad_step > 1 else []
-    assert logged == list(range(1, bad_step))  # the progress lines end at the step before
-    assert f"[pretrain] step {bad_step - 1}/{STEPS}" in result.stdout or bad_step == 1
+    assert "loss became non-finite at step 4; stopping" in result.stderr
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    assert f"[pretrain] step 3/{STEPS}" in result.stdout
     assert not (tmp_path / LOCK_NAME).exists()  # released on an error
-    if bad_step == 1:
-        assert "No checkpoint was written before it" in result.stderr
-        return
     assert "The last good checkpoint, step 3, is in" in result.stderr
     params, _, step = final_params(tmp_path)
     assert step == 3  # checkpoints every 3 steps; the poisoned state never reaches disk

@@ -4,7 +4,6 @@ both failed at the first checkpoint or one hung ~300 s). Multi-process runs shar
 """
 
 import json
-import multiprocessing
 import os
 import socket
 import subprocess
@@ -90,27 +89,40 @@ def test_the_heartbeat_keeps_a_long_run_from_looking_stale(tmp_path):
     lock.release()
 
 
-def _race(path, barrier, results):
-    barrier.wait()
-    try:
-        WorkdirLock(path).acquire()
-        results.put("won")
-    except WorkdirBusy:
-        results.put("refused")
+RACER = """
+import os, sys, time
+from bt_jax.workdir_lock import WorkdirBusy, WorkdirLock
+path, ready, go = sys.argv[1:]
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+try:
+    WorkdirLock(path).acquire()
+    print("won")
+except WorkdirBusy:
+    print("refused")
+"""
 
 
 def test_creation_is_atomic_between_racing_processes(tmp_path):
     """8 processes released at once: exactly one holds the lock."""
-    context = multiprocessing.get_context("fork")  # the children only touch files
-    barrier, results = context.Barrier(8), context.Queue()
-    procs = [
-        context.Process(target=_race, args=(str(tmp_path), barrier, results)) for _ in range(8)
+    workdir, go = tmp_path / "w", tmp_path / "go"
+    workdir.mkdir()
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(workdir), str(tmp_path / f"ready{i}"), str(go)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(8)
     ]
-    for proc in procs:
-        proc.start()
-    outcomes = sorted(results.get(timeout=60) for _ in procs)
-    for proc in procs:
-        proc.join(timeout=60)
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("ready*"))) < 8:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    go.touch()
+    outcomes = sorted(r.communicate(timeout=60)[0].strip() for r in racers)
     assert outcomes == ["refused"] * 7 + ["won"]
 
 
