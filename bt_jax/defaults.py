@@ -199,7 +199,8 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
             "optim.warmup_epochs",
             f"must be below train.epochs={train.epochs}, e.g. {train.epochs // 10}",
         )
-    need(config.loss.strategy in STRATEGIES, "loss.strategy", f"one of {', '.join(STRATEGIES)}")
+    strategies = (*STRATEGIES, "auto")  # the computations, and auto, which picks one
+    need(config.loss.strategy in strategies, "loss.strategy", f"one of {', '.join(strategies)}")
     need(model.arch in ARCHS, "model.arch", f"one of {', '.join(ARCHS)}")
     stages = tuple(model.stage_sizes)
     need(

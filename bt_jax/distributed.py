@@ -1,4 +1,5 @@
-"""Multi-process start-up, the device mesh, and host-local <-> global arrays.
+"""Multi-process start-up, the device mesh, host-local <-> global arrays, and the lock that
+lets one run (all its processes) write a workdir.
 
 One idiom: a 1-D mesh with axis "data" over every device of every process; parameters are
 replicated (P()), batches are sharded along their first axis (P("data")). Each process
@@ -13,12 +14,19 @@ import contextlib
 import glob
 import importlib.util
 import itertools
+import json
 import os
+import socket
+import sys
+import threading
+import time
+import uuid
 from collections.abc import Iterable, Iterator
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -202,3 +210,189 @@ def broadcast_text(text: str, size: int = 2048) -> str:
     data[: len(encoded)] = np.frombuffer(encoded, np.uint8)
     data = np.asarray(multihost_utils.broadcast_one_to_all(data))
     return bytes(data).rstrip(b"\0").decode(errors="replace")
+
+
+# ------------------------------------------------------------------- one run per workdir
+#
+# A pretraining run holds <workdir>/run.lock, JSON {host, pid, started, heartbeat, command,
+# token}, from start-up to exit, so a second run on the workdir stops at once naming it.
+# - Created atomically: written whole to a private file, then hard-linked to its name, which
+#   fails if the name exists (atomic on local file systems and NFS, unlike O_EXCL there).
+# - Released at exit: a normal end, an error, SIGTERM (the job returns), Ctrl-C.
+# - A heartbeat thread refreshes it every HEARTBEAT_S; it is stale once its heartbeat is
+#   STALE_AFTER_S old, or when it names this host and a pid that is gone (SIGKILL). A stale
+#   lock is taken over and reported, so a requeued job resumes.
+# - Multi-process runs share one: process 0 takes it, every process learns the outcome.
+# - gs:// (no hard links, no create-if-absent through epath/tf.io.gfile): written only when
+#   absent, then read back GCS_SETTLE_S later; of two racing runs the later writer wins and
+#   the other stops. Two runs started within that second can both pass.
+LOCK_NAME = "run.lock"
+HEARTBEAT_S, STALE_AFTER_S, GCS_SETTLE_S = 30.0, 120.0, 1.0
+
+
+class WorkdirBusy(ValueError):
+    """Another live run holds the workdir."""
+
+
+class WorkdirLock:
+    def __init__(self, workdir: str, *, heartbeat_s=HEARTBEAT_S, stale_after_s=STALE_AFTER_S):
+        self.path = os.path.join(workdir, LOCK_NAME)
+        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+        self._record = dict(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            heartbeat=time.time(),
+            command=" ".join(sys.argv),
+            token=uuid.uuid4().hex,
+        )
+        self._stop, self._thread = threading.Event(), None
+
+    def acquire(self, say=print) -> None:
+        """Take the lock, or raise WorkdirBusy naming the run that holds it."""
+        for _ in range(3):  # a stale lock taken away can be won by a third run
+            if self._create():
+                self._thread = threading.Thread(target=self._beat, daemon=True)
+                self._thread.start()
+                return
+            holder = _read_json(self.path)
+            stale = self._why_stale(holder)
+            if stale is None:
+                age = time.time() - float(holder.get("heartbeat", 0)) if holder else float("nan")
+                raise WorkdirBusy(
+                    f"the workdir is in use by another run: {_describe(holder)} holds "
+                    f"{self.path} (heartbeat {age:.0f} s ago). Use another --workdir, or wait "
+                    f"for that run to end; if it is dead, its lock goes stale "
+                    f"{self.stale_after_s:.0f} s after its last heartbeat (or delete {self.path})"
+                )
+            if self._take_away(holder):
+                say(f"took over the stale lock {self.path} of {_describe(holder)}: {stale}")
+        raise WorkdirBusy(f"could not take {self.path}: other runs keep taking it; retry")
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self._ours():
+            with contextlib.suppress(FileNotFoundError):
+                epath.Path(self.path).unlink()
+
+    def _ours(self) -> bool:
+        holder = _read_json(self.path)
+        return bool(holder) and holder.get("token") == self._record["token"]
+
+    def _why_stale(self, holder) -> str | None:
+        if holder is None:  # unreadable: judge by the file's age
+            age = time.time() - _mtime(self.path)
+            return f"unreadable and {age:.0f} s old" if age > self.stale_after_s else None
+        age = time.time() - float(holder.get("heartbeat", 0))
+        if age > self.stale_after_s:
+            return f"no heartbeat for {age:.0f} s"
+        if holder.get("host") == self._record["host"] and not _pid_alive(holder.get("pid")):
+            return f"pid {holder.get('pid')} is no longer running on this host"
+        return None
+
+    def _create(self) -> bool:
+        text = json.dumps(self._record)
+        if "://" in self.path:
+            if epath.Path(self.path).exists():
+                return False
+            epath.Path(self.path).write_text(text)
+            time.sleep(GCS_SETTLE_S)  # the later of two racing writers wins
+            return self._ours()
+        tmp = f"{self.path}.{self._record['token']}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def _take_away(self, holder) -> bool:
+        """Remove the stale lock `holder`; False if it changed meanwhile (another run's)."""
+        if "://" in self.path:
+            if _read_json(self.path) != holder:
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                epath.Path(self.path).unlink()
+            return True
+        aside = f"{self.path}.{self._record['token']}.stale"
+        try:
+            os.rename(self.path, aside)  # atomic: of two runs taking it away, one gets it
+        except FileNotFoundError:
+            return False
+        if _read_json(aside) != holder:  # a fresh lock after all: put it back
+            os.rename(aside, self.path)
+            return False
+        os.unlink(aside)
+        return True
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            if not self._ours():
+                print(f"warning: lost the workdir lock {self.path}", file=sys.stderr)
+                return
+            self._record["heartbeat"] = time.time()
+            text = json.dumps(self._record)
+            if "://" in self.path:
+                epath.Path(self.path).write_text(text)
+                continue
+            with open(f"{self.path}.{os.getpid()}.tmp", "w") as f:
+                f.write(text)
+            os.replace(f"{self.path}.{os.getpid()}.tmp", self.path)
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str, say=print):
+    """The workdir's lock for the duration of a run; process 0 holds it for all processes."""
+    lock = WorkdirLock(workdir) if is_process_0() else None
+    error = ""
+    if lock is not None:
+        try:
+            lock.acquire(say)
+        except WorkdirBusy as err:
+            error = str(err)
+    error = broadcast_text(error)
+    if error:
+        raise WorkdirBusy(error if lock is not None else f"(from process 0) {error}")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _describe(holder) -> str:
+    if not holder:
+        return "an unknown run (its lock does not read)"
+    return (
+        f"the run started {holder.get('started')} on host {holder.get('host')}, "
+        f"pid {holder.get('pid')} ({holder.get('command')})"
+    )
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True  # someone else's process, or no pid to judge by: assume it runs
+    return True
+
+
+def _read_json(path: str):
+    try:
+        return json.loads(epath.Path(path).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _mtime(path: str) -> float:
+    try:
+        return epath.Path(path).stat().mtime
+    except FileNotFoundError:
+        return time.time()

@@ -34,7 +34,6 @@ from bt_jax import (
     losses,
     optim,
     reporting,
-    workdir_lock,
 )
 from bt_jax.data import pretrain_batches
 from bt_jax.data.device_ops import finish_views
@@ -186,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         defaults.validate_pretrain_config(config)
         workdir = checkpoint.check_workdir(workdir)
-        with workdir_lock.hold(workdir, say=say):
+        with distributed.hold_workdir(workdir, say=say):
             return _train(config, workdir, watch, say)
     finally:
         watch.close()

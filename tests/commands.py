@@ -37,8 +37,8 @@ TFDS_ENV = "BT_JAX_TFDS_DIR"
 
 # First words that make a line of an indented block or an inline span a command.
 PROGRAMS = (
-    "python", "python3", "bash", "sbatch", "srun", "launch/", "pip", "tfds", "gcloud",
-    "tensorboard", "ssh", "cd", "source", "git", "tar", "for", "until",
+    "python", "python3", "bash", "sbatch", "srun", "pip", "tfds", "gcloud",
+    "tensorboard", "ssh", "cd", "source", "git", "tar", "for", "until", "bt-jax",
 )  # fmt: skip
 
 # Commands that cannot run here, by first word (or "python -m <module>"), and why.
@@ -59,6 +59,7 @@ NOT_HERE = {
     "git": "version control",
     "tar": "packs files",
     "template": "a usage template (<name>, DIR, [options]), not a command",
+    "mention": "the program named in prose, without arguments",
 }
 LAUNCHERS = {
     "launch/tpu_pod.sh": ["bash", "launch/tpu_pod.sh"],
@@ -159,11 +160,8 @@ def _starts_like_a_command(text: str) -> bool:
     if not words:
         return False
     first = words[0]
-    return (
-        first.startswith(PROGRAMS)
-        and (first in PROGRAMS or "/" in first)
-        or (os.path.basename(first).startswith("python"))
-    )
+    launcher = first.startswith("launch/") and len(first) > len("launch/")
+    return first in PROGRAMS or launcher or os.path.basename(first).startswith("python")
 
 
 def _docstring_commands(path: str) -> list[Command]:
@@ -212,9 +210,9 @@ def kind(command: Command) -> str:
         return "launcher"
     if first in LAUNCHERS or (_is_python(first) and len(argv) > 1 and argv[1] in LAUNCHERS):
         return "launcher"
+    if first == "bt-jax" or (_is_python(first) and argv[1:3] == ["-m", "bt_jax.main"]):
+        return "main" if len(argv) > (1 if first == "bt-jax" else 3) else "mention"
     if _is_python(first):
-        if argv[1:3] == ["-m", "bt_jax.main"]:
-            return "main"
         key = f"{os.path.basename(first)} -m {argv[2]}" if argv[1] == "-m" else ""
         return key if key in NOT_HERE else "script"
     return first if first in NOT_HERE else "unknown"
@@ -242,15 +240,18 @@ def launcher_dry_run(command: Command, workdir: str) -> tuple[list[str], dict]:
 
 
 def main_invocations(words: list[str]) -> list[list[str]]:
-    """The arguments of every `python -m bt_jax.main` inside a command, at any depth: after
-    env assignments, srun, exec or nohup, or inside gcloud's --command='...'."""
+    """The arguments of every `python -m bt_jax.main` (or its `bt-jax` command) inside a
+    command, at any depth: after env assignments, srun, exec or nohup, or inside gcloud's
+    --command='...'."""
     found = []
     for i, word in enumerate(words):
         if word.startswith("--command="):
             found += main_invocations(shlex.split(word[len("--command=") :]))
-        elif _is_python(word) and words[i + 1 : i + 3] == ["-m", "bt_jax.main"]:
+        elif word == "bt-jax" or (
+            _is_python(word) and words[i + 1 : i + 3] == ["-m", "bt_jax.main"]
+        ):
             args = []
-            for arg in words[i + 3 :]:
+            for arg in words[i + (1 if word == "bt-jax" else 3) :]:
                 if arg in (";", "&&", "||", "|", "&", "<", ">", ">>") or arg[:2] in ("2>",):
                     break
                 args.append(arg)

@@ -29,7 +29,7 @@ from e2e import (
 )
 
 from bt_jax.defaults import load_config
-from bt_jax.workdir_lock import LOCK_NAME
+from bt_jax.distributed import LOCK_NAME
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 

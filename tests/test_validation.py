@@ -33,7 +33,11 @@ BAD = [
     ("model.dtype", "float8", "config.model.dtype='float8': one of bfloat16, float32"),
     ("model.arch", "resnet51", "config.model.arch='resnet51': one of resnet18"),
     ("model.stage_sizes", (1, 0), "config.model.stage_sizes=(1, 0): () for the arch's own"),
-    ("loss.strategy", "psum", "config.loss.strategy='psum': one of gather, allreduce"),
+    (
+        "loss.strategy",
+        "psum",
+        "config.loss.strategy='psum': one of gram, gather, allreduce, jit, auto",
+    ),
     ("augment.pixel_ops", "gpu", "config.augment.pixel_ops='gpu': 'host' or 'device'"),
     ("augment.view2.solarize_prob", 1.5, "config.augment.view2.solarize_prob=1.5: a prob"),
 ]

@@ -13,8 +13,8 @@ import time
 import pytest
 from e2e import ROOT, cpu_env, main_command, read_metrics, run_multiprocess
 
-from bt_jax import workdir_lock
-from bt_jax.workdir_lock import LOCK_NAME, WorkdirBusy, WorkdirLock
+from bt_jax import distributed
+from bt_jax.distributed import LOCK_NAME, WorkdirBusy, WorkdirLock
 
 
 def _write_holder(workdir, **fields):
@@ -91,7 +91,7 @@ def test_the_heartbeat_keeps_a_long_run_from_looking_stale(tmp_path):
 
 RACER = """
 import os, sys, time
-from bt_jax.workdir_lock import WorkdirBusy, WorkdirLock
+from bt_jax.distributed import WorkdirBusy, WorkdirLock
 path, ready, go = sys.argv[1:]
 open(ready, "w").close()
 while not os.path.exists(go):
@@ -174,7 +174,7 @@ def test_processes_of_one_run_share_the_lock_and_all_learn_it_is_taken(tmp_path)
 
 
 def test_hold_takes_the_lock_for_the_run_and_releases_it(tmp_path):
-    with pytest.raises(RuntimeError), workdir_lock.hold(str(tmp_path)):
+    with pytest.raises(RuntimeError), distributed.hold_workdir(str(tmp_path)):
         assert (tmp_path / LOCK_NAME).exists()
         raise RuntimeError("the run failed")
     assert not (tmp_path / LOCK_NAME).exists()
