@@ -141,11 +141,15 @@ def pretrain_config() -> ml_collections.ConfigDict:
 def eval_config(job: str, dataset: str = "imagenet2012") -> ml_collections.ConfigDict:
     """Fields every evaluation job reads; the protocol's own section is added by the caller.
 
-    pretrained_workdir: the pretraining run's --workdir (required, also with random_init);
-    pretrained_step: checkpoint step, -1 = the latest; random_init: evaluate a freshly
+    The backbone: exactly one of pretrained_workdir (a bt_jax pretraining run's --workdir;
+    pretrained_step: its checkpoint step, -1 = the latest) and pretrained_torchvision (a
+    torchvision / timm ResNet state dict, .safetensors or .pth, e.g. the official Barlow
+    Twins resnet50.pth; the architecture is inferred from it: bt_jax/evaluation/backbone.py).
+    backbone_dtype: compute dtype, "" = the pretraining config's (a workdir) or float32 (a
+    file: what torch evaluates it in; "bfloat16" is faster). random_init: evaluate a freshly
     initialised backbone of the same architecture instead of the trained weights (the
     baseline every SSL number should be compared with); expected_arch: "" or an arch name
-    ("resnet50"): refuse a checkpoint of another architecture; overwrite: replace the
+    ("resnet50"): refuse a backbone of another architecture; overwrite: replace the
     results of an earlier evaluation in the same --workdir.
     """
     config = ml_collections.ConfigDict()
@@ -153,6 +157,8 @@ def eval_config(job: str, dataset: str = "imagenet2012") -> ml_collections.Confi
     config.seed = 0
     config.pretrained_workdir = ""
     config.pretrained_step = -1
+    config.pretrained_torchvision = ""
+    config.backbone_dtype = ""
     config.random_init = False
     config.expected_arch = ""
     config.overwrite = False
