@@ -224,11 +224,15 @@ def transfer_config(**overrides) -> ml_collections.ConfigDict:
                 l2_grid=tuple(float(v) for v in 10.0 ** -np.arange(0.0, 7.0)),
                 max_iter=500,
             ),
-            # per-class linear SVMs (multi-label); labels from these features
+            # VOC07: per-class linear SVMs (sklearn's liblinear) as VISSL's benchmark runs
+            # them (eval_resnet_8gpu_transfer_voc07_svm.yaml; bt_jax/evaluation/svm.py)
             svm=dict(
-                costs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
-                folds=3,
-                max_iter=1000,
+                resize=256,  # shorter side to 256, then the whole image to image_size^2
+                center_crop=False,  # True: center crop instead (barlowtwins#32's config)
+                costs=(0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0),
+                folds=3,  # cross_val_score(cv=3): unshuffled stratified folds
+                max_iter=2000,
+                sort_by="image/filename",  # VISSL's row order (its folds): sorted names
             ),
             label_key="labels",
             positive_key="labels_no_difficult",
