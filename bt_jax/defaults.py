@@ -245,11 +245,15 @@ def _field(config, dotted: str):
 def eval_config(job: str, dataset: str = "imagenet2012") -> ml_collections.ConfigDict:
     """Fields every evaluation job reads; the protocol's own section is added by the caller.
 
-    pretrained_workdir: the pretraining run's --workdir (required, also with random_init);
-    pretrained_step: checkpoint step, -1 = the latest; random_init: evaluate a freshly
+    The backbone: exactly one of pretrained_workdir (a bt_jax pretraining run's --workdir;
+    pretrained_step: its checkpoint step, -1 = the latest) and pretrained_torchvision (a
+    torchvision / timm ResNet state dict, .safetensors or .pth, e.g. the official Barlow
+    Twins resnet50.pth; the architecture is inferred from it: bt_jax/evaluation/backbone.py).
+    backbone_dtype: compute dtype, "" = the pretraining config's (a workdir) or float32 (a
+    file: what torch evaluates it in; "bfloat16" is faster). random_init: evaluate a freshly
     initialised backbone of the same architecture instead of the trained weights (the
     baseline every SSL number should be compared with); expected_arch: "" or an arch name
-    ("resnet50"): refuse a checkpoint of another architecture; overwrite: replace the
+    ("resnet50"): refuse a backbone of another architecture; overwrite: replace the
     results of an earlier evaluation in the same --workdir.
     """
     config = ml_collections.ConfigDict()
@@ -257,6 +261,8 @@ def eval_config(job: str, dataset: str = "imagenet2012") -> ml_collections.Confi
     config.seed = 0
     config.pretrained_workdir = ""
     config.pretrained_step = -1
+    config.pretrained_torchvision = ""
+    config.backbone_dtype = ""
     config.random_init = False
     config.expected_arch = ""
     config.overwrite = False
@@ -322,11 +328,15 @@ def transfer_config(**overrides) -> ml_collections.ConfigDict:
                 l2_grid=tuple(float(v) for v in 10.0 ** -np.arange(0.0, 7.0)),
                 max_iter=500,
             ),
-            # per-class linear SVMs (multi-label); labels from these features
+            # VOC07: per-class linear SVMs (sklearn's liblinear) as VISSL's benchmark runs
+            # them (eval_resnet_8gpu_transfer_voc07_svm.yaml; bt_jax/evaluation/svm.py)
             svm=dict(
-                costs=(1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0),
-                folds=3,
-                max_iter=1000,
+                resize=256,  # shorter side to 256, then the whole image to image_size^2
+                center_crop=False,  # True: center crop instead (barlowtwins#32's config)
+                costs=(0.01, 0.1, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 50.0, 100.0, 1000.0),
+                folds=3,  # cross_val_score(cv=3): unshuffled stratified folds
+                max_iter=2000,
+                sort_by="image/filename",  # VISSL's row order (its folds): sorted names
             ),
             label_key="labels",
             positive_key="labels_no_difficult",

@@ -10,13 +10,18 @@ Commands (from the repository root):
   python -m bt_jax.main --config=configs/knn.py --workdir=/tmp/bt_knn \
       --config.pretrained_workdir=/ckpt/bt_imagenet
 
+  # the official Barlow Twins ResNet-50 (torch.hub's resnet50.pth, a torchvision state dict)
+  python -m bt_jax.main --config=configs/knn.py --workdir=/tmp/bt_official_knn \
+      --config.pretrained_torchvision=/ckpt/resnet50.pth
+
   # the quickstart run (python -m bt_jax.main --config=configs/quickstart.py
   # --workdir=/tmp/bt_quickstart), on the embedded dataset at 32 px
   python -m bt_jax.main --config=configs/knn.py:quickstart --workdir=/tmp/bt_qs_knn \
       --config.pretrained_workdir=/tmp/bt_quickstart
 
-Expected: results.json with knn_top1 / knn_top5 / knn_num_queries. ImageNet: the paper
-publishes no kNN number; use it as a cheap, comparable signal between checkpoints. Quickstart
+Expected: results.json with knn_top1 / knn_top5 / knn_num_queries. ImageNet: neither the
+paper nor the official repository publishes a kNN number (for its checkpoint either); use it
+as a cheap, comparable signal between checkpoints. Quickstart
 (measured on the committed configs/quickstart.py run, 1,000 queries, ~20 s on 2 CPU cores):
 knn_top1 28.7 % (equal to the run's own monitor), and 23.7 % with --config.random_init=True
 (docs/benchmarks.md, Evaluation).

@@ -1,19 +1,17 @@
 """The evaluation protocols' pieces against their definitions: schedule, SGD, frozen vs
-fine-tuned steps, masking, counts, stratified fractions, AP, the probes, multi-label data."""
+fine-tuned steps, masking, counts, stratified fractions, the logistic probe (VOC07's SVMs and
+multi-label data: tests/test_voc07.py)."""
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from bt_jax import distributed
-from bt_jax.data import data_config, subsets
+from bt_jax.data import subsets
 from bt_jax.evaluation import classifier, features, probes
 from bt_jax.models import resnet
 
@@ -138,14 +136,7 @@ def test_shuffled_feature_batches_cover_each_row_once_per_epoch():
     assert sorted(np.concatenate(seen).tolist()) == list(range(10)) and len(seen) == 3
 
 
-def test_average_precision():
-    scores = np.array([[0.9], [0.8], [0.7], [0.6], [0.95]])
-    labels = np.array([[1], [0], [1], [0], [-1]])  # the -1 ("difficult") is ignored
-    np.testing.assert_allclose(probes.average_precision(scores, labels), [(1 + 2 / 3) / 2])
-    assert np.isnan(probes.average_precision(scores, np.zeros_like(labels))[0])
-
-
-def test_probes_on_separable_data():
+def test_logistic_probe_on_separable_data():
     mesh = distributed.make_mesh()
     rng = np.random.default_rng(0)
     centers = 4 * rng.normal(size=(3, 6))
@@ -164,63 +155,3 @@ def test_probes_on_separable_data():
             say=lambda _: None,
         )
     assert result["top1"] > 95 and result["num_examples"] == 100 and set(scores) == {1.0, 1e-3}
-
-    multi = (rng.normal(size=(300, 3)) > 0).astype(np.int8)  # class k present iff x_k > 0
-    xm = np.concatenate([np.where(multi, 1.0, -1.0), rng.normal(size=(300, 2))], 1)
-    xm = (xm + 0.1 * rng.normal(size=xm.shape)).astype(np.float32)
-    svm = ml_collections.ConfigDict(dict(costs=(0.1, 10.0), folds=3, max_iter=200))
-    with jax.set_mesh(mesh):
-        mean_ap, costs, ap = probes.svm_probe(
-            (xm[:200], multi[:200]), (xm[200:], multi[200:]), svm, mesh, seed=0, say=print
-        )
-    assert mean_ap > 99 and len(costs) == 3 and ap.shape == (3,)
-
-
-def test_multilabel_batches(tmp_path):
-    from bt_jax.data import multilabel
-
-    label = tfds.features.Sequence(tfds.features.ClassLabel(num_classes=3))
-    feats = tfds.features.FeaturesDict(
-        {
-            "image": tfds.features.Image(encoding_format="jpeg"),
-            "labels": label,
-            "labels_no_difficult": label,
-        }
-    )
-    version = tmp_path / "multi" / "1.0.0"
-    version.mkdir(parents=True)
-    examples = [([0, 2], [2]), ([1], [1]), ([], []), ([0], [0]), ([2], [])]
-    with tf.io.TFRecordWriter(str(version / "multi-test.tfrecord-00000-of-00001")) as w:
-        for labels, positive in examples:
-            image = np.full((20, 24, 3), 7 * len(labels), np.uint8)
-            w.write(
-                feats.serialize_example(
-                    {"image": image, "labels": labels, "labels_no_difficult": positive}
-                )
-            )
-    tfds.folder_dataset.write_metadata(
-        data_dir=str(version),
-        features=feats,
-        split_infos=[tfds.core.SplitInfo(name="test", shard_lengths=[5], num_bytes=0)],
-        check_data=False,
-    )
-    cfg = data_config("multi", data_dir=str(tmp_path))
-    parts = [
-        list(
-            multilabel.multilabel_batches(
-                cfg, "test", global_batch=4, image_size=8, process_index=p, process_count=2
-            )
-        )
-        for p in range(2)
-    ]
-    assert [len(p) for p in parts] == [2, 2]  # 3 and 2 examples, batches of 2: equal counts
-    rows = [b["label"][b["mask"]] for p in parts for b in p]
-    np.testing.assert_array_equal(
-        np.concatenate(rows), [[-1, 0, 1], [0, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, -1]]
-    )
-    assert parts[0][0]["image"].shape == (2, 8, 8, 3)
-    with pytest.raises(ValueError, match="no multi-label feature 'objects'"):
-        multilabel.multilabel_batches(
-            cfg, "test", global_batch=4, image_size=8, label_key="objects"
-        )
-    assert os.path.isdir(version)

@@ -26,6 +26,7 @@ def test_docstring_gives_command_and_expected_result(name):
     assert "Expected" in doc
     c = load_config(name)
     assert c.pretrained_workdir == "" and c.pretrained_step == -1 and not c.random_init
+    assert c.pretrained_torchvision == "" and c.backbone_dtype == ""
     assert not c.overwrite
 
 

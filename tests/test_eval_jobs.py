@@ -176,9 +176,10 @@ def test_eval_workdir_must_not_be_the_pretraining_one(pretrained):
         _run(_config("configs/knn.py:smoke", pretrained), pretrained)
 
 
-def test_no_pretrained_workdir(tmp_path):
-    with pytest.raises(ValueError, match="set --config.pretrained_workdir"):
+def test_no_backbone_source(tmp_path):
+    with pytest.raises(ValueError, match="set exactly one of --config.pretrained_workdir"):
         _run(load_config("configs/linear_eval.py:smoke"), tmp_path)
+    assert not os.listdir(tmp_path)  # refused before anything was written
 
 
 # ---------------------------------------------------------------------------------------

@@ -42,26 +42,24 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 
 
 def extract(
-    backbone: nn.Module, variables, batches: Iterable, mesh: Mesh, label_key: str = "label"
-) -> tuple[np.ndarray, np.ndarray]:
-    """(features [N, F] float32, labels [N, ...]) of every unpadded example, on every host."""
-    feats, labels, masks = [], [], []
+    backbone: nn.Module, variables, batches: Iterable, mesh: Mesh, keys=("label",)
+) -> tuple[np.ndarray, ...]:
+    """(features [N, F] float32, then batch[key] [N, ...] for each of keys) of every
+    unpadded example, on every host: (features, labels) by default."""
+    feats, rows = [], {key: [] for key in (*keys, "mask")}
     for batch in batches:
         images = distributed.host_to_global({"image": batch["image"]}, mesh)["image"]
         feats.append(backbone_features(backbone, variables, images))  # async
-        labels.append(batch[label_key])
-        masks.append(batch["mask"])
+        for key, kept in rows.items():
+            kept.append(batch[key])
     if not feats:
         raise ValueError("the split yielded no batches")
-    local = {
-        "feature": np.concatenate([_local_rows(f) for f in feats]),
-        "label": np.concatenate(labels),
-        "mask": np.concatenate(masks),
-    }
+    local = {key: np.concatenate(kept) for key, kept in rows.items()}
+    local["feature"] = np.concatenate([_local_rows(f) for f in feats])
     if jax.process_count() > 1:  # equal shapes everywhere: eval batches are padded
         local = multihost_utils.process_allgather(local, tiled=True)
     keep = local["mask"].astype(bool)
-    return local["feature"][keep], local["label"][keep]
+    return tuple(local[key][keep] for key in ("feature", *keys))
 
 
 def rows_to_global(arrays: dict, mesh: Mesh) -> dict:

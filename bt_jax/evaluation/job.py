@@ -20,7 +20,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from bt_jax import checkpoint, distributed, reporting
-from bt_jax.evaluation.backbone import Backbone, load_backbone
+from bt_jax.evaluation.backbone import Backbone, check_source, load_backbone
 
 RESULTS = "results.json"
 # results.json and the metrics (metrics.jsonl locally, metrics-NNNNN.jsonl segments on gs://)
@@ -105,10 +105,10 @@ class Job:
         numbers = {k: v for k, v in results.items() if isinstance(v, int | float)}
         self.writer.write(0, numbers, tag=f"{self.protocol}_summary")
         self.writer.close()
-        b = self.backbone.info
+        b = self.backbone
         self.say(
-            f"results ({self.protocol}, {b['source']} {b['arch']} backbone of "
-            f"{b['workdir']} step {b['step']}, {self.config.data.dataset}):"
+            f"results ({self.protocol}, {b.label} {b.info['arch']} backbone of {b.origin}, "
+            f"{self.config.data.dataset}):"
         )
         for key, value in results.items():
             self.say(f"  {key} = {_format(value)}")
@@ -124,6 +124,7 @@ def _format(value) -> str:
 
 def start(config: ml_collections.ConfigDict, workdir: str, protocol: str) -> Job:
     """Checks, then the backbone (fails fast on a bad checkpoint), mesh and writer."""
+    check_source(config)  # before anything is written
     workdir = prepare_workdir(workdir, config)
     backbone = load_backbone(config)
     mesh = distributed.make_mesh()
@@ -131,12 +132,11 @@ def start(config: ml_collections.ConfigDict, workdir: str, protocol: str) -> Job
     if backbone.label == "random_init":
         progress.say(
             "BASELINE: randomly initialised backbone (config.random_init=True), architecture "
-            f"of {backbone.info['workdir']}; these numbers are not the pretrained model's"
+            f"of {backbone.origin}; these numbers are not the pretrained model's"
         )
     progress.say(
         f"{jax.process_count()} process(es), {jax.device_count()} devices | backbone: "
-        f"{backbone.label} {backbone.info['model']} from {backbone.info['workdir']} step "
-        f"{backbone.info['step']}"
+        f"{backbone.label} {backbone.info['model']} from {backbone.origin}"
     )
     variables = replicate(backbone.variables, mesh)
     writer = reporting.MetricWriter(workdir)

@@ -178,7 +178,8 @@ def finetune(
     return history, train.num_examples
 
 
-def frozen_features(job: Job, batches) -> tuple[np.ndarray, np.ndarray]:
-    """(features, labels) of every example of `batches` through job's frozen backbone."""
+def frozen_features(job: Job, batches, keys=("label",)) -> tuple[np.ndarray, ...]:
+    """(features, labels) of every example of `batches` through job's frozen backbone (and
+    with more keys, those batch entries too: features.extract)."""
     with jax.set_mesh(job.mesh):
-        return features.extract(job.backbone.module, job.variables, batches, job.mesh)
+        return features.extract(job.backbone.module, job.variables, batches, job.mesh, keys)

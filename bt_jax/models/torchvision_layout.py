@@ -69,7 +69,7 @@ def projector_to_torch(params, batch_stats) -> collections.OrderedDict:
 def _take(state, key, used):
     used.add(key)
     if key not in state:
-        raise KeyError(f"the state dict has no {key!r}: is it a torchvision ResNet?")
+        raise ValueError(f"the state dict has no {key!r}: is it a torchvision ResNet?")
     return np.asarray(state[key], np.float32)
 
 
@@ -77,7 +77,8 @@ def backbone_from_torchvision(state_dict, template_params):
     """torchvision-layout state_dict -> {"params", "batch_stats"} shaped like the template.
 
     Accepts the official Barlow Twins resnet50.pth (a torchvision ResNet-50 state dict) and
-    our own exports; an fc layer, if present, is ignored. Shape mismatches raise.
+    our own exports; an fc layer, if present, is ignored. Shape mismatches, missing keys and
+    keys the model has no place for raise ValueError (as torch's strict load_state_dict).
     """
     state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state_dict.items()}
     used: set[str] = set()
@@ -114,6 +115,17 @@ def backbone_from_torchvision(state_dict, template_params):
             params[name], s = load(name, module)
             if s is not None:
                 stats[name] = s
+    unused = sorted(
+        k
+        for k in state
+        if k not in used and not k.startswith("fc.") and not k.endswith(".num_batches_tracked")
+    )
+    if unused:
+        more = f", ... ({len(unused)} in all)" if len(unused) > 5 else ""
+        raise ValueError(
+            f"the state dict has keys this model has no place for: {', '.join(unused[:5])}"
+            f"{more}; is it a ResNet of this architecture?"
+        )
     return {"params": params, "batch_stats": stats}
 
 
