@@ -20,7 +20,6 @@ from e2e import ROOT, cpu_env
 from e2e_eval import load_config, read_results, write_init_checkpoint
 
 from bt_jax import export
-from bt_jax.data import data_config
 from bt_jax.evaluation import backbone
 from bt_jax.models import torchvision_layout
 
@@ -288,23 +287,8 @@ def official_format_pth(tmp_path_factory) -> str:
     return str(path)
 
 
-# data.data_dir defaults to None on this branch, which ml_collections cannot override from
-# the command line; the reliability branch (b8b3533) makes it "" (remove this when merged).
-_DATA_DIR_FLAG_BROKEN = pytest.mark.xfail(
-    data_config("imagenet2012").data_dir is None,
-    reason="--config.data.data_dir= needs data.data_dir to default to '' (b8b3533)",
-    strict=True,
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "where, command",
-    [
-        pytest.param(*c, marks=[_DATA_DIR_FLAG_BROKEN] if "--config.data.data_dir" in c[1] else [])
-        for c in _documented_commands()
-    ],
-)
+@pytest.mark.parametrize("where, command", _documented_commands())
 def test_documented_command_loads_the_checkpoint(where, command, official_format_pth, tmp_path):
     """Flags parsed, config built, the backbone read from the file and inferred as a
     ResNet-50; then the job stops where this machine has no ImageNet / VOC."""

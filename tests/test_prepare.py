@@ -21,7 +21,6 @@ from e2e import ROOT, cpu_env
 from PIL import Image
 
 from bt_jax.data import prepare
-from bt_jax.defaults import load_config
 
 README = pathlib.Path(ROOT, "README.md").read_text()
 PER_CLASS = 40
@@ -178,14 +177,9 @@ def test_quickstart_trains_on_the_prepared_folder(prepared, image_folder):
     command = _own_data_commands()[1].replace(
         "configs/quickstart.py", "configs/quickstart.py:smoke"
     )
-    env = cpu_env(8)
-    if load_config("configs/quickstart.py:smoke").data.data_dir is None:
-        # data.data_dir's default None cannot be overridden on the command line (yet): give
-        # the folder to TFDS as its default instead. Once the default is "", the flag is used.
-        data_dir = re.search(r"--config\.data\.data_dir=(\S+)", command)[1]
-        command = command.replace(f" --config.data.data_dir={data_dir}", "")
-        env["TFDS_DATA_DIR"] = data_dir.replace("/tmp/bt_own_data", str(tmp_path / "bt_own_data"))
-    result = _run(command, image_folder, tmp_path, "--config.train.stop_after_steps=2", env=env)
+    result = _run(
+        command, image_folder, tmp_path, "--config.train.stop_after_steps=2", env=cpu_env(8)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[pretrain] step 2/2" in result.stdout
     assert os.path.isdir(tmp_path / "bt_own_run" / "checkpoints" / "2")
