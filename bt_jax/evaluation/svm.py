@@ -19,17 +19,20 @@ VISSL's eval_resnet_8gpu_transfer_voc07_svm.yaml (config.transfer.svm). For ever
   VOC07 devkit's 11-point one.
 mAP is the mean over classes. One deliberate difference: LinearSVC's random_state (the
 order of liblinear's dual coordinate descent) is the job's seed, where VISSL leaves it to
-numpy's global RNG; reruns then give the same numbers. Classes run in threads, as in VISSL
-(liblinear releases the GIL). Every process computes the same result from the same rows.
+numpy's global RNG; reruns then give the same numbers. Classes run in parallel worker
+processes (joblib's loky), not threads as in VISSL: liblinear draws from the C library's
+one global rand(), so concurrent threads perturb each other's coordinate order and the
+chosen costs change from run to run. Every process computes the same result from the same
+rows.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import warnings
 from collections.abc import Callable
 
+import joblib
 import ml_collections
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -99,6 +102,14 @@ def _one_class(x_train, labels, x_test, test_labels, cfg, seed) -> dict:
     )
 
 
+def _one_class_quiet(x_train, labels, x_test, test_labels, cfg: dict, seed) -> dict:
+    """_one_class in a worker process; convergence is counted by the caller, not warned."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        cfg = ml_collections.ConfigDict(cfg)
+        return _one_class(x_train, labels, x_test, test_labels, cfg, seed)
+
+
 def _check_labels(labels: np.ndarray, test_labels: np.ndarray) -> None:
     for c in range(labels.shape[1]):
         if not (labels[:, c] == 1).any() or (labels[:, c] == 1).all():
@@ -130,14 +141,13 @@ def voc07_svms(
         f"{fits} liblinear fits"
     )
 
-    def one(c):
-        return _one_class(x_train, labels[:, c], x_test, test_labels[:, c], cfg, seed)
-
-    with warnings.catch_warnings():  # counted below instead, for the final fits
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        workers = min(classes, os.cpu_count() or 1)
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            rows = list(pool.map(one, range(classes)))
+    workers = min(classes, os.cpu_count() or 1)
+    rows = joblib.Parallel(n_jobs=workers, backend="loky")(
+        joblib.delayed(_one_class_quiet)(
+            x_train, labels[:, c], x_test, test_labels[:, c], cfg.to_dict(), seed
+        )
+        for c in range(classes)
+    )
     for c, row in enumerate(rows):
         say(f"  class {c}: cost {row['cost']:g} (cv AP {100 * row['cv_ap'].max():.2f}), "
             f"test AP {100 * row['ap']:.2f}")  # fmt: skip
