@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from bt_jax import distributed
-from bt_jax.data import eval_batches, normalize
+from bt_jax import data, distributed
+from bt_jax.data import normalize
 
 AXIS = distributed.DATA_AXIS
 
@@ -141,7 +141,7 @@ def evaluate(backbone, variables, config, mesh) -> dict:
         knn_cfg.query_split or data_cfg.eval_split,
     )
     bank, queries = (
-        eval_batches(
+        data.eval_batches(
             data_cfg, split, global_batch=knn_cfg.global_batch, image_size=knn_cfg.image_size
         )
         for split in splits

@@ -27,8 +27,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from bt_jax import checkpoint, distributed, knn, losses, optim, reporting
-from bt_jax.data import pretrain_batches
+from bt_jax import checkpoint, data, distributed, knn, losses, optim, reporting
 from bt_jax.data.device_ops import finish_views
 from bt_jax.models import build_model
 
@@ -194,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if start:
         _check_resumable(ckpt.restore_meta(start), config)
     # Opening the pipeline before any compile makes a missing dataset fail fast.
-    batches = pretrain_batches(
+    batches = data.pretrain_batches(
         config.data,
         config.augment,
         global_batch=config.train.global_batch,
