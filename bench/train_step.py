@@ -261,7 +261,8 @@ def main(argv=None) -> dict:
         config.optim, global_batch=global_batch, warmup_steps=10, total_steps=10**6
     )
     options = pretrain.step_options(config, model, tx, mesh)
-    step_fn = functools.partial(pretrain.train_step, **options)
+    jitted = pretrain.step_function(mesh)  # what the pretraining loop runs
+    step_fn = functools.partial(jitted, **options)
     replicated = distributed.replicated(mesh)
     with jax.set_mesh(mesh):
         state = jax.jit(
@@ -270,7 +271,7 @@ def main(argv=None) -> dict:
         )()
         batch = distributed.host_to_global(first, mesh)
         t0 = time.perf_counter()
-        compiled = pretrain.train_step.lower(state, batch, **options).compile()
+        compiled = jitted.lower(state, batch, **options).compile()
         compile_s = time.perf_counter() - t0
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost

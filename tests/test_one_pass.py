@@ -2,10 +2,11 @@
 
 The reference is the official arrangement built from the same modules: backbone and
 projector applied to each view in its own call, the running statistics updated by view 1's
-call and then by view 2's. Both run through pretrain.train_step (LARS, loss, guard), on 1 and
-on 8 devices, with the official ImageNet LARS settings. (The quickstart's CIFAR settings put
-lr 0.3 on the BN biases, which makes this toy chaotic: a 1e-7 perturbation of the reference
-itself grows to 2e-2 in three steps, so no two float orders could agree there.)
+call and then by view 2's. Both run through the pretraining loop's train step (LARS, loss,
+guard), on 1 and on 8 devices, with the official ImageNet LARS settings. (The quickstart's
+CIFAR settings put lr 0.3 on the BN biases, which makes this toy chaotic: a 1e-7
+perturbation of the reference itself grows to 2e-2 in three steps, so no two float orders
+could agree there.)
 """
 
 import functools
@@ -62,7 +63,7 @@ def _train(config, model, tx, batches, devices):
         grads = jax.jit(functools.partial(_grads, model, config, mesh))(state, first)
         losses_seen = []
         for batch in batches:
-            state, metrics = pretrain.train_step(
+            state, metrics = pretrain.step_function(mesh)(
                 state,
                 distributed.host_to_global(batch, mesh),
                 **pretrain.step_options(config, model, tx, mesh),

@@ -52,7 +52,7 @@ def test_torch_step_equals_bt_jax_step():
         batch = distributed.host_to_global(views, mesh)
         losses = []
         for _ in range(STEPS):
-            state, metrics = pretrain.train_step(
+            state, metrics = pretrain.step_function(mesh)(
                 state, batch, **pretrain.step_options(config, model, tx, mesh)
             )
             losses.append(float(metrics["loss"]))
