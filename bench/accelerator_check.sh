@@ -40,9 +40,9 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export TF_CPP_MIN_LOG_LEVEL=2
 
 if [ "$dry_run" = 1 ]; then
-  batches=(4 8)
+  batches=(8)
   model=(--arch=resnet18 --width=0.125 "--stage_sizes=1,1" --projector=64-64-64 --image_size=32)
-  timing=(--steps=1 --repeats=1 --warmup=1)
+  timing=(--steps=2 --repeats=1 --warmup=1)
   limit_s=300
 else
   batches=(64 128 256)
@@ -75,7 +75,7 @@ for path in glob.glob(os.path.join(sys.argv[1], "batch_*.json")):
     rows.append([
         r["setup"]["global_batch"],
         step["pairs_per_s"],
-        f"{100 * r['mfu']:.1f}" if "mfu" in r else "- (peak unknown: --peak-tflops)",
+        f"{100 * r['mfu']:.3g}" if "mfu" in r else "- (peak unknown: --peak-tflops)",
         f"{mib(step['peak_memory_bytes'])} ({step['peak_memory_source']})",
         base.get("pairs_per_s", "- (no torch)"),
         mib(base.get("peak_memory_bytes")),

@@ -151,7 +151,7 @@ def _without_tensorflow(tmp_path) -> dict:
     return env
 
 
-def test_train_step_runs_without_tensorflow(tmp_path):
+def test_train_step_imports_without_tensorflow(tmp_path):
     env = _without_tensorflow(tmp_path)
     imports = (
         "import sys, bt_jax.pretrain, bt_jax.models, bt_jax.losses, bt_jax.optim; "
@@ -165,40 +165,30 @@ def test_train_step_runs_without_tensorflow(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True,
     )  # fmt: skip
     assert "tensorflow is blocked here" in refused.stderr
-    out = tmp_path / "step.json"
-    bench = [
-        sys.executable, "bench/train_step.py", "--config=configs/quickstart.py:smoke",
-        "--synthetic", "--steps=2", "--repeats=1", "--warmup=1", "--matmul_size=128",
-        f"--json={out}",
-    ]  # fmt: skip
-    result = subprocess.run(bench, cwd=ROOT, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    step = json.loads(out.read_text())["device_step"]
-    assert step["pairs_per_s"] > 0 and len(step["repeat_seconds"]) == 1
 
 
 @pytest.mark.slow
 def test_accelerator_check_dry_run(tmp_path):
-    """The GPU check's own code path, on the CPU at toy sizes, without TensorFlow."""
+    """The GPU check's own code path on the CPU at toy sizes, without TensorFlow (as on the
+    GPU image): bench/train_step.py --synthetic, the PyTorch baseline, the summary table."""
     result = subprocess.run(
-        ["bash", "bench/accelerator_check.sh", "--dry-run", "--peak-tflops=1",
+        ["bash", "bench/accelerator_check.sh", "--dry-run", "--peak-tflops=0.01",
          f"--out={tmp_path / 'out'}"],
         cwd=ROOT, env=_without_tensorflow(tmp_path), capture_output=True, text=True,
         timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = [line for line in result.stdout.splitlines() if re.match(r"\| [48] ", line)]
-    assert len(rows) == 2, result.stdout
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\| 8 ", line)]
+    assert len(rows) == 1, result.stdout
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[1].replace(",", "")) > 0  # bt_jax pairs/s
-        assert 0 < float(cells[2]) < 100  # MFU against the 1 TFLOP/s peak given
+        assert float(cells[2]) > 0  # MFU against the 10 GFLOP/s peak given
         if importlib.util.find_spec("torch"):
             assert float(cells[4].replace(",", "")) > 0  # PyTorch pairs/s
-    for batch in (4, 8):
-        saved = json.loads((tmp_path / "out" / f"batch_{batch}.json").read_text())
-        assert saved["setup"]["global_batch"] == batch
-        assert saved["setup"]["dtype"] == "bfloat16"
+    saved = json.loads((tmp_path / "out" / "batch_8.json").read_text())
+    assert saved["setup"]["global_batch"] == 8 and saved["setup"]["dtype"] == "bfloat16"
+    assert saved["device_step"]["repeat_seconds"]
 
 
 def test_accelerator_check_is_shellcheck_clean():
@@ -210,3 +200,22 @@ def test_accelerator_check_is_shellcheck_clean():
     result = subprocess.run([shellcheck, script], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
     assert os.access(os.path.join(ROOT, script), os.X_OK)
+
+
+def test_step_attempts_times_variants_side_by_side(tmp_path):
+    """bench/step_attempts.py at toy size: every variant timed in the same repeats."""
+    import step_attempts
+
+    attempts = ["current", "two_calls"]
+    if importlib.util.find_spec("torch"):
+        attempts.append("torch")
+    out = step_attempts.main(
+        ["--config=configs/quickstart.py:smoke", f"--attempts={','.join(attempts)}",
+         "--steps=1", "--repeats=2", f"--json={tmp_path / 'attempts.json'}"]
+    )  # fmt: skip
+    assert list(out["variants"]) == attempts
+    for name, v in out["variants"].items():
+        assert len(v["repeat_seconds"]) == 2 and v["pairs_per_s_median"] > 0, name
+    assert out["variants"]["current"]["speed_vs_reference_paired_median"] == 1.0
+    assert out["components"]["optimizer_ms"] > 0
+    assert json.loads((tmp_path / "attempts.json").read_text())["reference"] == "current"
