@@ -24,7 +24,8 @@ run on the same devices (a large jnp.dot), and over the chip's bf16 peak where i
 
 Without --data_dir (or BT_JAX_TFDS_DIR) it reads the embedded cifar10_jpeg_mini.
 --synthetic: random uint8 views instead of data, only (a); needs neither TFDS nor
-TensorFlow (the step never imports it), as on a GPU image without them.
+TensorFlow (the step never imports it), as on a GPU image without them. --profile DIR:
+a jax.profiler trace of --steps steps, summed per XLA op (bench/xla_profile.py).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--input_batches", type=int, default=20, help="batches per input repeat")
     p.add_argument("--matmul_size", type=int, default=2048, help="0: skip the matmul rate")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="chip peak (default: known)")
+    p.add_argument("--profile", default=None, help="trace --steps steps into this folder")
     p.add_argument("--json", default=None)
     return p.parse_args(argv)
 
@@ -326,6 +328,12 @@ def main(argv=None) -> dict:
                 f"end to end: {e2e_s:.3f} s/step, input wait {100 * wait / e2e_steps / e2e_s:.0f}%"
             )
 
+        if args.profile:
+            import xla_profile
+
+            profile = xla_profile.trace_ops(
+                run_steps, steps=args.steps, trace_dir=args.profile, hlo=compiled.as_text()
+            )
         mm = matmul_rate(mesh, args.matmul_size, max(3, args.repeats)) if args.matmul_size else None
 
     achieved = flops_per_device * w / step_s
@@ -399,6 +407,8 @@ def main(argv=None) -> dict:
     if peak:
         out["peak_flops_per_device"] = peak
         out["mfu"] = achieved / w / peak
+    if args.profile:
+        out["profile"] = profile
 
     print()
     print(common.table(rows, ["measurement", "steps/s", "image pairs/s"]))
@@ -422,6 +432,15 @@ def main(argv=None) -> dict:
         line += f"; MFU {100 * out['mfu']:.1f}% of {peak / 1e12:.0f} TFLOP/s peak"
     print(line)
     print(f"peak memory: {common.human_bytes(peak_bytes)} ({peak_source})")
+    if args.profile:
+        total = sum(profile["ms_per_step_by_kind"].values())
+        kinds = [
+            [k, ms, f"{100 * ms / total:.0f} %"] for k, ms in profile["ms_per_step_by_kind"].items()
+        ]
+        print(f"\nprofile ({profile['trace']}), XLA ops by kind:\n")
+        print(common.table(kinds, ["kind", "ms/step", "share"]))
+        print()
+        print(common.table(profile["top_ops"], ["op", "ms/step", "shape", "from"]))
     if args.json:
         common.write_json(args.json, {**common.envelope(), **out})
     return out
