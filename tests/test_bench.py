@@ -219,3 +219,28 @@ def test_step_attempts_times_variants_side_by_side(tmp_path):
     assert out["variants"]["current"]["speed_vs_reference_paired_median"] == 1.0
     assert out["components"]["optimizer_ms"] > 0
     assert json.loads((tmp_path / "attempts.json").read_text())["reference"] == "current"
+
+
+def test_conv_backward_times_each_implementation():
+    import conv_backward
+
+    out = conv_backward.main(["--config=configs/quickstart.py:smoke", "--repeats=1"])
+    (first, second) = out["convolutions"]  # the smoke ResNet has two stages
+    assert first["shape_nhwc"] == [64, 16, 16, 8] and second["shape_nhwc"] == [64, 8, 8, 16]
+    kinds = {"xla_defaults", "xla_bt_jax"}
+    if importlib.util.find_spec("torch"):
+        kinds |= {"torch_nchw", "torch_channels_last"}
+    assert set(first) - {"shape_nhwc"} == kinds
+    assert all(first[k][t] > 0 for k in kinds for t in ("fwd", "dx", "dw"))
+
+
+def test_train_step_profile_sums_time_per_xla_op(tmp_path):
+    import train_step
+
+    out = train_step.main(
+        ["--config=configs/quickstart.py:smoke", "--synthetic", "--steps=1", "--repeats=1",
+         "--warmup=1", "--matmul_size=0", f"--profile={tmp_path / 'trace'}"]
+    )  # fmt: skip
+    kinds = out["profile"]["ms_per_step_by_kind"]
+    assert kinds["convolution"] > 0 and kinds["convolution weight gradient"] > 0
+    assert os.path.exists(out["profile"]["trace"])
