@@ -52,7 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2, help="steps per timed repeat")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--json", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.attempts.split(",")) - set(ATTEMPTS) - {""}
+    if unknown:
+        p.error(f"unknown --attempts {sorted(unknown)}; choose from {', '.join(ATTEMPTS)}")
+    return args
 
 
 @contextlib.contextmanager
@@ -95,9 +99,6 @@ def _timed(fn, repeats=5):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     attempts = [a for a in args.attempts.split(",") if a]
-    unknown = set(attempts) - set(ATTEMPTS)
-    if unknown:
-        sys.exit(f"step_attempts: unknown --attempts {sorted(unknown)}; choose from {ATTEMPTS}")
     common.set_devices(2 if "two_devices" in attempts else 1)
 
     import jax

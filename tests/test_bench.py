@@ -10,7 +10,9 @@ import importlib.util
 import json
 import math
 import os
+import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -244,3 +246,26 @@ def test_train_step_profile_sums_time_per_xla_op(tmp_path):
     kinds = out["profile"]["ms_per_step_by_kind"]
     assert kinds["convolution"] > 0 and kinds["convolution weight gradient"] > 0
     assert os.path.exists(out["profile"]["trace"])
+
+
+def _documented_bench_commands():
+    """The `python bench/...` commands of docs/benchmarks.md's Train step section,
+    continuation lines joined."""
+    text = pathlib.Path(ROOT, "docs", "benchmarks.md").read_text().replace("\\\n", " ")
+    text = text[text.index("## Train step") : text.index("## Scaling")]
+    return [
+        shlex.split(line.split("#")[0])
+        for line in text.splitlines()
+        if line.startswith("    python bench/")
+    ]
+
+
+@pytest.mark.parametrize("argv", _documented_bench_commands(), ids=lambda a: " ".join(a[1:3]))
+def test_documented_bench_commands_parse(argv):
+    """Every bench command of the Train step section parses and builds its config where it
+    has one (the tests above run each script at toy size)."""
+    module = importlib.import_module(os.path.basename(argv[1]).removesuffix(".py"))
+    args = module.parse_args(argv[2:])
+    if hasattr(module, "configure"):
+        config = module.configure(args)
+        assert config.train.global_batch > 0
