@@ -93,9 +93,9 @@ train_step = jax.jit(_train_step, static_argnames=_STATIC, donate_argnums=0)
 # YNNPACK for dots, reductions and elementwise fusions, XLA's own (Eigen) convolutions.
 # Elementwise chains (BN, ReLU, residual sums) then stay in their own fusions instead of
 # being recomputed inside the strided transposes that feed every weight-gradient
-# convolution, and Eigen's weight-gradient convolutions are up to 2.8x faster than
-# YNNPACK's on ResNet shapes: +37 % image pairs/s for the CIFAR step, +21 % for the
-# quickstart's (docs/benchmarks.md, Train step).
+# convolution, and Eigen's weight-gradient convolutions are 2.5-4x faster than YNNPACK's
+# on ResNet shapes: 1.7x the image pairs/s of XLA's defaults for the CIFAR step, 1.25x for
+# the quickstart's (docs/benchmarks.md, Train step).
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": ",".join(
         f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("INDIVIDUAL_DOT", "REDUCE", "ELTWISE")
