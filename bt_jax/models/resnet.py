@@ -53,7 +53,7 @@ def _conv(features, kernel, stride, dtype, name):
 
 
 class _Block(nn.Module):
-    """Shared plumbing of the two residual blocks: BN factory and the shortcut."""
+    """Shared plumbing of the two residual blocks: the (per-view) BN and the shortcut."""
 
     features: int  # inner width; the block outputs features * expansion channels
     stride: int
