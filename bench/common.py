@@ -148,3 +148,28 @@ def repeat_median(fn, repeats: int) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+# Dense bf16 peaks per chip, TFLOP/s (public spec sheets; sparsity not counted), matched
+# against jax's device_kind in this order (TPU v5e reports "TPU v5 lite", v5p "TPU v5").
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("TPU v4", 275.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5e", 197.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5", 459.0),
+    ("TPU v6 lite", 918.0),
+)
+
+
+def peak_flops(device_kind: str, override_tflops: float = 0.0) -> float | None:
+    """The chip's dense bf16 peak in FLOP/s (override_tflops wins), or None if unknown."""
+    if override_tflops:
+        return override_tflops * 1e12
+    for name, tflops in PEAK_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return tflops * 1e12
+    return None

@@ -3,7 +3,7 @@ r"""CIFAR-10 quality in a short budget: pretrain, then kNN top-1 against a rando
 Runs the real pretraining job (bt_jax.pretrain.train_and_evaluate) on configs/cifar10.py
 shortened to fit about 30 minutes on a 2-core CPU (ResNet-18 with the CIFAR stem at reduced
 width, float32, batch 256, a few epochs, 1 warm-up epoch), restores its final checkpoint, and
-evaluates the backbone with the kNN protocol of bt_jax.knn (k=200, cosine, exp(sim/0.1)
+evaluates the backbone with the kNN protocol of bt_jax.evaluation.knn (k=200, cosine, exp(sim/0.1)
 weights; bank = the 50,000 training images, queries = the 10,000 test images, no
 augmentation). The baseline is the same model freshly initialised (same seed), evaluated the
 same way.
@@ -98,10 +98,11 @@ def monitored(config, every_epochs: int):
 
 
 def knn_top1(model, variables, config, mesh) -> dict:
-    from bt_jax import knn
+    from bt_jax.evaluation import knn
 
     t0 = time.perf_counter()
-    result = knn.evaluate(model.backbone, variables, config, mesh)
+    bank, queries = knn.splits(config.knn, config.data, mesh)
+    result = knn.evaluate(model.backbone, variables, bank, queries, config.knn, mesh)
     result["seconds"] = time.perf_counter() - t0
     return result
 

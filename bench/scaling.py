@@ -25,8 +25,10 @@ is reused unless --force.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
+import math
 import os
 import re
 import sys
@@ -76,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--step_strategies", default="gather,allreduce", help="at D = 8192")
     p.add_argument("--per_device_batch", type=int, default=4, help="whole-step batch per device")
     p.add_argument("--arch", default="resnet50")
+    p.add_argument("--width", type=float, default=1.0, help="backbone width multiplier")
+    p.add_argument("--stage_sizes", default="", help="blocks per stage, e.g. 1,1 (toy)")
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--no_step", action="store_true", help="only the loss (seconds, no ResNet)")
     p.add_argument("--json", default=DEFAULT_JSON)
@@ -94,6 +98,7 @@ _OP = re.compile(
     r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\("
 )
 _GROUPS = re.compile(r"replica_groups=\{\{([0-9,]+)\}")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
 _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 
 
@@ -179,6 +184,43 @@ def collectives(hlo_text: str, devices: int) -> dict:
     }
 
 
+def weight_gradient_allreduce(hlo_text: str, weight_shapes: list[tuple[int, ...]]) -> dict:
+    """The all-reduce bytes of the weight gradients in an optimised HLO module.
+
+    Counted: every all-reduce operand shaped like a weight (ndim >= 2: conv and dense
+    kernels; in any axis order, since XLA may reduce a dense gradient as [out, in] before
+    transposing it), in the all-reduces the SPMD partitioner inserted (the loss's own shard_map
+    collectives, such as the allreduce strategy's D x D C, are left out by their op_name).
+    One reduction per weight and step moves 4 bytes x weights in float32; a model that
+    applies its weights in two batch-sharded calls (one per view) reduces each twice.
+    BN scales and biases (1-D) are not counted: XLA derives their gradients from the BN
+    backward's own per-channel sums, so they have no all-reduce of their own to find.
+    """
+    wanted = collections.Counter(tuple(sorted(s)) for s in weight_shapes if len(s) >= 2)
+    found, payload = collections.Counter(), 0
+    for line in hlo_text.splitlines():
+        m = _OP.match(line)
+        if not m or m.group(2) != "all-reduce":
+            continue
+        name = _OP_NAME.search(line)
+        parts = name.group(1).split(":") if name else []
+        if parts and all("shard_map" in part for part in parts):
+            continue
+        for dtype, dims in _SHAPE.findall(m.group(1)):
+            shape = tuple(sorted(int(d) for d in filter(None, dims.split(","))))
+            if shape in wanted and dtype in _DTYPE_BYTES:
+                found[shape] += 1
+                payload += math.prod(shape) * _DTYPE_BYTES[dtype]
+    weights = sum(wanted.values())
+    elements = sum(math.prod(s) * k for s, k in wanted.items())
+    return {
+        "payload_bytes": payload,
+        "weight_elements": elements,
+        "float32_bytes_once": 4 * elements,
+        "reductions_per_weight": sum(found.values()) / weights if weights else 0.0,
+    }
+
+
 def analyse(compiled, devices: int, compile_seconds: float) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, list):  # older jax: one dict per program
@@ -261,6 +303,8 @@ def step_entry(d: int, strategy: str, per_device_batch: int, args, mesh) -> dict
 
     config = imagenet.get_config()
     config.model.arch = args.arch
+    config.model.width = args.width
+    config.model.stage_sizes = tuple(int(k) for k in args.stage_sizes.split(",") if k)
     config.model.projector = f"{d}-{d}-{d}"
     config.loss.strategy = strategy
     w = mesh.devices.size
@@ -298,6 +342,8 @@ def step_entry(d: int, strategy: str, per_device_batch: int, args, mesh) -> dict
         options = pretrain.step_options(config, model, tx, mesh)
         compiled = pretrain.train_step.lower(state, batch, **options).compile()
     out = analyse(compiled, w, time.perf_counter() - t0)
+    weight_shapes = [x.shape for x in jax.tree.leaves(state.params)]
+    out["weight_gradient_allreduce"] = weight_gradient_allreduce(compiled.as_text(), weight_shapes)
     out.update(
         d=d,
         strategy=strategy,
@@ -397,6 +443,7 @@ def step_table(entries: list[dict]) -> str:
     rows = []
     for e in sorted(entries, key=lambda e: (e["d"], e["strategy"])):
         m, c = e["memory"], e["collectives"]
+        g = e.get("weight_gradient_allreduce", {})
         rows.append(
             [
                 e["d"], e["strategy"], f"{e['per_device_batch']} x {e['devices']}",
@@ -404,6 +451,9 @@ def step_table(entries: list[dict]) -> str:
                 e["flops"] / 1e9 / e["per_device_batch"],
                 _mib(m["arguments"]), _mib(m["temporaries"]), _mib(m["outputs"]),
                 _mib(c["payload_bytes"]), _mib(c["ring_bytes"]),
+                _mib(g["payload_bytes"]) if g else "-",
+                _mib(g["float32_bytes_once"]) if g else "-",
+                g.get("reductions_per_weight", "-"),
                 round(e["compile_seconds"]),
             ]
         )  # fmt: skip
@@ -411,7 +461,8 @@ def step_table(entries: list[dict]) -> str:
         rows,
         [
             "D", "strategy", "batch/dev x dev", "params M", "GFLOP/pair",
-            "args MiB", "temp MiB", "out MiB", "coll. payload MiB", "ring MiB", "compile s",
+            "args MiB", "temp MiB", "out MiB", "coll. payload MiB", "ring MiB",
+            "weight-grad all-reduce MiB", "4 B x weights MiB", "reductions/weight", "compile s",
         ],
     )  # fmt: skip
 
@@ -447,9 +498,8 @@ def pod_estimate(step_entries: list[dict], loss_entries: list[dict], n: int = 20
     single-device FLOPs at (N, D) / chips (it scales as 1/W: part 1).
     Communication per chip, ring algorithms: the gradient all-reduce plus the gather loss's
     2 (N + N/W) D x 4 bytes. "as compiled": the all-reduce payload measured in the step's
-    HLO (weight gradients are all-reduced once per view: ~2x the parameters); "one
-    reduction": 4 bytes x parameters, what summing the two views' gradients before the
-    all-reduce would move.
+    HLO (weight gradients plus BN statistics); "one reduction": 4 bytes x parameters, one
+    float32 reduction of every gradient and nothing else.
     """
     out = []
     for e in sorted(step_entries, key=lambda e: e["d"]):
@@ -589,7 +639,8 @@ def main(argv=None) -> dict:
         for d, strategy in todo:
             key = _key(
                 None, kind="step", arch=args.arch, d=d, strategy=strategy, devices=w,
-                per_device_batch=pb, image_size=args.image_size,
+                per_device_batch=pb, image_size=args.image_size, width=args.width,
+                stage_sizes=args.stage_sizes,
             )  # fmt: skip
             print(f"train step {args.arch} D={d} {strategy} (compiling) ...", flush=True)
             entry = cached(key, functools.partial(step_entry, d, strategy, pb, args, mesh))

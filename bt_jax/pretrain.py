@@ -27,15 +27,7 @@ import optax
 from absl import logging
 from jax.experimental import multihost_utils
 
-from bt_jax import (
-    checkpoint,
-    defaults,
-    distributed,
-    losses,
-    optim,
-    reporting,
-)
-from bt_jax.data import pretrain_batches
+from bt_jax import checkpoint, data, defaults, distributed, losses, optim, reporting
 from bt_jax.data.device_ops import finish_views
 from bt_jax.evaluation import knn
 from bt_jax.models import build_model
@@ -51,12 +43,7 @@ class TrainState:
     first_bad_step: jax.Array  # -1 while every loss so far was finite
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("model", "tx", "loss_cfg", "views_cfg", "mesh", "nan_at"),
-    donate_argnums=0,
-)
-def train_step(state: TrainState, batch, *, model, tx, loss_cfg, views_cfg, mesh, nan_at=-1):
+def _train_step(state: TrainState, batch, *, model, tx, loss_cfg, views_cfg, mesh, nan_at=-1):
     """One LARS step on a global batch {"view1", "view2"} of uint8 images.
 
     With views_cfg.pixel_ops == "device" the batch also holds each example's colour-jitter /
@@ -98,6 +85,34 @@ def train_step(state: TrainState, batch, *, model, tx, loss_cfg, views_cfg, mesh
     )
     metrics = {"loss": terms.loss, "invariance": terms.invariance, "redundancy": terms.redundancy}
     return new_state, metrics
+
+
+_STATIC = ("model", "tx", "loss_cfg", "views_cfg", "mesh", "nan_at")
+train_step = jax.jit(_train_step, static_argnames=_STATIC, donate_argnums=0)
+
+# XLA:CPU options for the step (names from jax 0.10's XLA; setup.cfg pins jax < 0.11):
+# YNNPACK for dots, reductions and elementwise fusions, XLA's own (Eigen) convolutions.
+# Elementwise chains (BN, ReLU, residual sums) then stay in their own fusions instead of
+# being recomputed inside the strided transposes that feed every weight-gradient
+# convolution, and Eigen's weight-gradient convolutions are 2.5-4x faster than YNNPACK's
+# on ResNet shapes: 1.7x the image pairs/s of XLA's defaults for the CIFAR step, 1.25x for
+# the quickstart's (docs/benchmarks.md, Train step).
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": ",".join(
+        f"LIBRARY_FUSION_TYPE_{kind}" for kind in ("INDIVIDUAL_DOT", "REDUCE", "ELTWISE")
+    )
+}
+cpu_train_step = jax.jit(
+    _train_step,
+    static_argnames=_STATIC,
+    donate_argnums=0,
+    compiler_options=CPU_COMPILER_OPTIONS,
+)
+
+
+def step_function(mesh):
+    """The jitted train step for the mesh's platform: cpu_train_step on CPUs, else train_step."""
+    return cpu_train_step if mesh.devices.flat[0].platform == "cpu" else train_step
 
 
 def step_options(config, model, tx, mesh) -> dict:
@@ -195,7 +210,7 @@ def _train(config, workdir: str, watch: PreemptionWatch, say) -> dict:
     mesh = distributed.make_mesh()
     distributed.check_global_batch(config.train.global_batch, mesh)
     # Opening the pipeline before any compile makes a missing dataset fail fast.
-    batches = pretrain_batches(
+    batches = data.pretrain_batches(
         config.data, config.augment, global_batch=config.train.global_batch, seed=config.seed
     )
     plan = schedule_summary(config, batches.steps_per_epoch)
@@ -269,7 +284,7 @@ def _train(config, workdir: str, watch: PreemptionWatch, say) -> dict:
         config=config.to_dict(),
     )
     step_fn = functools.partial(
-        train_step,
+        step_function(mesh),
         **step_options(config, model, tx, mesh),
         # the config counts steps from 1 (0 = off), train_step the updates done before it
         nan_at=config.train.debug_nan_at_step - 1,

