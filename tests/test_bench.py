@@ -157,7 +157,7 @@ def test_train_step_imports_without_tensorflow(tmp_path):
     env = _without_tensorflow(tmp_path)
     imports = (
         "import sys, bt_jax.pretrain, bt_jax.models, bt_jax.losses, bt_jax.optim; "
-        "from bt_jax.data import normalize, IMAGENET_MEAN, data_config; "
+        "from bt_jax.data import normalize, IMAGENET, data_config; "
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
     )
     subprocess.run([sys.executable, "-c", imports], cwd=ROOT, env=env, check=True)

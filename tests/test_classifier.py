@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bt_jax import distributed
-from bt_jax.data import subsets
+from bt_jax.data import IMAGENET, subsets
 from bt_jax.evaluation import classifier, features, probes
 from bt_jax.models import resnet
 
@@ -67,7 +67,12 @@ def test_frozen_backbone_never_changes_fine_tuned_one_does(tiny, finetune):
     state = classifier.init_state(variables, module.num_features, 3, tx, finetune=finetune)
     before = jax.tree.map(np.asarray, state)
     new, metrics = classifier.train_step(
-        state, batch, backbone=module, num_classes=3, tx=tx, finetune=finetune
+        state,
+        batch,
+        backbone=features.Encoder(module, IMAGENET),
+        num_classes=3,
+        tx=tx,
+        finetune=finetune,
     )
     assert np.isfinite(float(metrics["loss"]))
 
