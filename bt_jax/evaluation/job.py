@@ -168,6 +168,7 @@ def _precise_bn(config, backbone: Backbone, variables, mesh, image_size, say) ->
         variables, used = precise_bn_statistics(
             backbone.encoder, variables, batches, mesh, num_batches=cfg.batches
         )
+    backbone.info["bn_images"] = used * cfg.global_batch
     backbone.info["bn_statistics"] = (
         f"precise BN: mean of train-mode batch statistics over {used} batches of "
         f"{cfg.global_batch} {config.data.dataset}[{split}] images at {image_size} px"
