@@ -14,8 +14,9 @@ mean 0 / variance 1 that no trained network has.
 Defaults = the reference recipe: ResNet-18 with the CIFAR stem at width 0.25, projector
 2048-2048-2048, batch 256, 5 epochs with 1 warm-up epoch, lr 0.3 for weights and for
 biases/BN, LARS eta 0.02 without LR clipping, weight decay 1e-4, loss x 0.1, float32,
-CIFAR-10 normalisation. The command (from the repository root; ~40 min a seed on 2 idle CPU
-cores):
+CIFAR-10 normalisation. The command (from the repository root; per seed ~40 min of
+pretraining on 2 idle CPU cores, as estimated from a 3,097 s run on a shared machine, plus
+the 5 monitor kNNs and the two final kNN jobs, a few minutes):
 
   python bench/quality_cifar10.py --data_dir=../shared/tfds --seeds 0,1
 

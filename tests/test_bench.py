@@ -273,7 +273,7 @@ def test_documented_bench_commands_parse(argv):
 
 # ------------------------------------------------------------- CIFAR-10 quality
 
-QUALITY_TOY = [  # the documented command's knobs at a toy size (README: ~40 min a seed)
+QUALITY_TOY = [  # the documented command's knobs at a toy size (the full run: ~45 min a seed)
     "--epochs=2", "--width=0.0625", "--projector=64-64", "--batch=64", "--log_every_steps=2",
     "--train_split=train[:256]", "--monitor_bank=train[:256]", "--monitor_queries=test[:100]",
     "--knn_bank=train[:300]", "--knn_queries=test[:100]", "--knn_batch=100",
