@@ -1,30 +1,39 @@
-r"""CIFAR-10 quality in a short budget: pretrain, then kNN top-1 against a random backbone.
+r"""CIFAR-10 quality on the reference recipe: pretrain, then kNN top-1 against a random backbone.
 
-Runs the real pretraining job (bt_jax.pretrain.train_and_evaluate) on configs/cifar10.py
-shortened to fit about 30 minutes on a 2-core CPU (ResNet-18 with the CIFAR stem at reduced
-width, float32, batch 256, a few epochs, 1 warm-up epoch), restores its final checkpoint, and
-evaluates the backbone with the kNN protocol of bt_jax.evaluation.knn (k=200, cosine, exp(sim/0.1)
-weights; bank = the 50,000 training images, queries = the 10,000 test images, no
-augmentation). The baseline is the same model freshly initialised (same seed), evaluated the
-same way.
+For each seed: the pretraining job (bt_jax.main.run on configs/cifar10.py with the knobs
+below), with the kNN monitor at every epoch on a subset (train[:10000] bank, test[:2000]
+queries: the learning curve); then the kNN job (configs/knn.py, bt_jax/knn_eval.py: k=200,
+cosine, exp(sim/0.1) weights, eval preprocessing) on the final checkpoint, bank = the 50,000
+training images, queries = the 10,000 test images. The baseline is the kNN job on the same
+architecture freshly initialised (config.random_init, seed = the run's) with its BN running
+statistics re-estimated on training images (precise BN, bt_jax/evaluation/backbone.py: the
+mean of each BN's train-mode batch statistics over --bn_batches batches of --bn_batch
+images, 50 x 256 = 12,800 by default; the JSON records the number used), not the initial
+mean 0 / variance 1 that no trained network has.
 
-The recorded run (docs/benchmarks.md, CIFAR-10 quality; 28.5 min on 2 idle CPU cores, kNN
-top-1 32.62 % pretrained vs 27.42 % random):
+Defaults = the reference recipe: ResNet-18 with the CIFAR stem at width 0.25, projector
+2048-2048-2048, batch 256, 5 epochs with 1 warm-up epoch, lr 0.3 for weights and for
+biases/BN, LARS eta 0.02 without LR clipping, weight decay 1e-4, loss x 0.1, float32,
+CIFAR-10 normalisation. The command (from the repository root; per seed ~40 min of
+pretraining on 2 idle CPU cores, as estimated from a 3,097 s run on a shared machine, plus
+the 5 monitor kNNs and the two final kNN jobs, a few minutes):
 
-  python bench/quality_cifar10.py --data_dir=../shared/tfds --epochs=5 --batch=64 \
-      --width=0.125 --warmup_epochs=0 --lr=3.0 --projector=1024-1024-1024 \
-      --json=bench/results/quality_cifar10.json
+  python bench/quality_cifar10.py --data_dir=../shared/tfds --seeds 0,1
 
-The data folder must hold the prepared `cifar10_jpeg` TFDS set (--data_dir or
-BT_JAX_TFDS_DIR). Writes, with --json, {"knn_top1_pretrained", "knn_top1_random",
-"train_seconds", "images_per_s", "command", ...} (accuracies in percent).
+prints one row per seed and the mean and spread (sample standard deviation) over seeds, and
+writes bench/results/quality_cifar10.json (--json): per seed the loss curve (every logged
+step), the monitor's kNN at each epoch, both final kNN results, the BN images used, wall
+times; and the summary over seeds. The data folder must hold the prepared `cifar10_jpeg` TFDS
+set (--data_dir or BT_JAX_TFDS_DIR). --train_split / --knn_bank / --knn_queries /
+--monitor_bank / --monitor_queries take TFDS slices for smoke runs (tests/test_bench.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -34,77 +43,165 @@ import common  # noqa: E402
 
 DATASET = "cifar10_jpeg"
 TFDS_ENV = "BT_JAX_TFDS_DIR"
+CURVE = ("step", "epoch", "loss", "c_diag_mean", "c_offdiag_rms", "online_linear_train_top1")
+NORMALIZATIONS = ("auto", "cifar10", "imagenet")  # bt_jax/data/normalization.py CHOICES
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data_dir", default=os.environ.get(TFDS_ENV), help=f"default: ${TFDS_ENV}")
-    p.add_argument("--epochs", type=int, default=5, help="pretraining epochs (195 steps each)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, one run each")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--warmup_epochs", type=int, default=1)
     p.add_argument("--width", type=float, default=0.25, help="ResNet-18 channel multiplier")
     p.add_argument("--projector", default="2048-2048-2048")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--warmup_epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.3, help="base LR (x batch/256) of the weights")
+    p.add_argument("--lr_weights", type=float, default=0.3, help="base LR (x batch/256)")
+    p.add_argument("--lr_biases", type=float, default=0.3, help="base LR of biases and BN")
+    p.add_argument("--eta", type=float, default=0.02, help="LARS trust coefficient")
+    p.add_argument("--weight_decay", type=float, default=1e-4)
+    p.add_argument("--loss_scale", type=float, default=0.1)
     p.add_argument(
-        "--lr_biases", type=float, default=None, help="base LR of biases and BN (default: --lr)"
+        "--clip_lr",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="LARS LR clipping (solo-learn's exclude/clip option; configs/cifar10.py has it on)",
     )
+    p.add_argument("--normalization", default="cifar10", choices=NORMALIZATIONS)
     p.add_argument("--dtype", default="float32", help="compute dtype (bf16 convs are slow on CPU)")
-    p.add_argument("--stop_after_steps", type=int, default=0, help=">0: cut the run (smoke tests)")
-    p.add_argument("--devices", type=int, default=1, help="CPU devices (XLA host devices)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workdir", default=None, help="default: a fresh temporary folder")
+    p.add_argument("--train_split", default="train")
+    p.add_argument("--monitor_bank", default="train[:10000]")
+    p.add_argument("--monitor_queries", default="test[:2000]")
+    p.add_argument("--monitor_every_epochs", type=int, default=1, help="0 = no learning curve")
+    p.add_argument("--knn_bank", default="train")
+    p.add_argument("--knn_queries", default="test")
+    p.add_argument("--knn_batch", type=int, default=500, help="divides 50,000 and 10,000")
     p.add_argument(
-        "--monitor_every_epochs",
-        type=int,
-        default=0,
-        help="kNN during pretraining on a subset (train[:10000] / test[:2000]); 0 = none",
+        "--bn_batches", type=int, default=50, help="precise-BN batches; 0 = initial stats"
     )
-    p.add_argument("--json", default=None, help="write the result here")
-    return p.parse_args(argv)
+    p.add_argument("--bn_batch", type=int, default=256, help="precise-BN batch size")
+    p.add_argument("--log_every_steps", type=int, default=25, help="loss curve resolution")
+    p.add_argument("--stop_after_steps", type=int, default=0, help=">0: cut each run")
+    p.add_argument("--devices", type=int, default=1, help="CPU devices (XLA host devices)")
+    p.add_argument("--workdir", default=None, help="default: a fresh temporary folder")
+    p.add_argument("--json", default=os.path.join(common.RESULTS_DIR, "quality_cifar10.json"))
+    args = p.parse_args(argv)
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds: comma-separated integers, e.g. --seeds 0,1 (got {args.seeds!r})")
+    return args
 
 
-def make_config(args):
+def pretrain_config(args, seed: int):
+    """configs/cifar10.py with the bench's knobs."""
     from configs import cifar10
 
     config = cifar10.get_config()
-    config.seed = args.seed
+    config.seed = seed
     config.model.width = args.width
     config.model.projector = args.projector
     config.model.dtype = args.dtype
-    config.optim.lr_weights = args.lr
-    config.optim.lr_biases = args.lr if args.lr_biases is None else args.lr_biases
+    config.model.normalization = args.normalization
+    config.loss.scale = args.loss_scale
+    config.optim.lr_weights = args.lr_weights
+    config.optim.lr_biases = args.lr_biases
+    config.optim.eta = args.eta
+    config.optim.weight_decay = args.weight_decay
+    config.optim.clip_lr = args.clip_lr
     config.optim.warmup_epochs = args.warmup_epochs
     config.train.global_batch = args.batch
     config.train.epochs = args.epochs
     config.train.stop_after_steps = args.stop_after_steps
-    config.train.log_every_steps = 25
-    config.train.checkpoint_every_steps = 100  # a crashed run resumes from its workdir
+    config.train.log_every_steps = args.log_every_steps
+    config.train.checkpoint_every_steps = 200  # a crashed run resumes from its workdir
     config.train.async_checkpoints = False
     config.data.dataset = DATASET
     config.data.data_dir = args.data_dir
-    config.knn.every_epochs = 0
-    config.knn.at_end = False  # evaluated here, outside the timed pretraining
-    config.knn.global_batch = 500  # divides 50,000 and 10,000: no padded batch
+    config.data.train_split = args.train_split
+    config.knn.every_epochs = args.monitor_every_epochs
+    config.knn.at_end = args.monitor_every_epochs > 0  # the last epoch's point, same subset
+    config.knn.bank_split = args.monitor_bank
+    config.knn.query_split = args.monitor_queries
+    config.knn.global_batch = args.knn_batch
     return config
 
 
-def monitored(config, every_epochs: int):
-    """The pretraining config with a cheap kNN monitor (a learning curve; adds its time)."""
-    config = copy.deepcopy(config)
-    config.knn.every_epochs = every_epochs
-    config.knn.bank_split = "train[:10000]"
-    config.knn.query_split = "test[:2000]"
+def knn_config(args, pretrained_workdir: str, seed: int, random_init: bool):
+    """configs/knn.py on the run's checkpoint, or (random_init) its architecture, fresh."""
+    from configs import knn
+
+    config = knn.get_config()
+    config.seed = seed
+    config.pretrained_workdir = pretrained_workdir
+    config.random_init = random_init
+    config.random_init_bn.batches = args.bn_batches
+    config.random_init_bn.global_batch = args.bn_batch
+    config.data.dataset = DATASET
+    config.data.data_dir = args.data_dir
+    config.data.train_split = args.train_split  # precise BN's images
+    config.data.eval_split = "test"
+    config.data.cache = True
+    config.knn.bank_split = args.knn_bank
+    config.knn.query_split = args.knn_queries
+    config.knn.image_size = 32
+    config.knn.global_batch = args.knn_batch
     return config
 
 
-def knn_top1(model, variables, config, mesh) -> dict:
-    from bt_jax.evaluation import knn
+def run_seed(args, seed: int, root: str) -> dict:
+    from bt_jax import main, reporting
 
+    workdir = os.path.join(root, f"seed{seed}")
+    pretrain_dir = os.path.join(workdir, "pretrain")
+    print(f"seed {seed}: pretraining in {pretrain_dir}", flush=True)
     t0 = time.perf_counter()
-    bank, queries = knn.splits(config.knn, config.data, mesh)
-    result = knn.evaluate(model.backbone, variables, bank, queries, config.knn, mesh)
-    result["seconds"] = time.perf_counter() - t0
-    return result
+    final = main.run(pretrain_config(args, seed), pretrain_dir)
+    train_seconds = time.perf_counter() - t0
+    train_rows = reporting.read_metrics(pretrain_dir, "train")
+    monitor_rows = reporting.read_metrics(pretrain_dir, "knn")
+
+    knn = {}
+    for name, random_init in (("pretrained", False), ("random", True)):
+        t0 = time.perf_counter()
+        config = knn_config(args, pretrain_dir, seed, random_init)
+        knn[name] = main.run(config, os.path.join(workdir, f"knn_{name}"))
+        knn[name]["seconds"] = time.perf_counter() - t0
+    with open(os.path.join(workdir, "knn_random", "results.json")) as f:
+        random_info = json.load(f)["backbone"]
+    steps = int(final["step"])
+    steps_per_epoch = train_rows[-1]["step"] / train_rows[-1]["epoch"]
+    return {
+        "seed": seed,
+        "knn_top1_pretrained": float(knn["pretrained"]["knn_top1"]),
+        "knn_top5_pretrained": float(knn["pretrained"]["knn_top5"]),
+        "knn_top1_random": float(knn["random"]["knn_top1"]),
+        "knn_top5_random": float(knn["random"]["knn_top5"]),
+        "gap_points": float(knn["pretrained"]["knn_top1"] - knn["random"]["knn_top1"]),
+        "rankme_pretrained": float(knn["pretrained"]["rankme"]),
+        "rankme_random": float(knn["random"]["rankme"]),
+        "knn_queries": int(knn["pretrained"]["knn_num_queries"]),
+        "random_bn_images": int(random_info.get("bn_images", 0)),
+        "random_bn_statistics": random_info.get("bn_statistics", "initial (mean 0, var 1)"),
+        "steps": steps,
+        "train_seconds": float(train_seconds),
+        "images_per_s": float(steps * args.batch / train_seconds),
+        "knn_seconds": float(knn["pretrained"]["seconds"] + knn["random"]["seconds"]),
+        "final_loss": float(final.get("loss", float("nan"))),
+        "loss_curve": [{k: r[k] for k in CURVE if k in r} for r in train_rows],
+        # kNN top-1/top-5, RankMe and the online probe on the monitor's subset, every epoch
+        "monitor_knn": [
+            {"epoch": r["step"] / steps_per_epoch, **{k: v for k, v in r.items() if k != "tag"}}
+            for r in monitor_rows
+        ],
+        "workdir": workdir,
+    }
+
+
+def summarise(runs: list[dict], key: str) -> dict:
+    values = [r[key] for r in runs]
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": statistics.fmean(values), "std": spread, "min": min(values), "max": max(values)}
 
 
 def main(argv=None) -> dict:
@@ -114,113 +211,51 @@ def main(argv=None) -> dict:
             f"quality_cifar10: needs the prepared TFDS set {DATASET!r}: pass --data_dir=FOLDER "
             f"or set {TFDS_ENV} to the folder that holds {DATASET}/ (got {args.data_dir!r})"
         )
+    args.data_dir = os.path.abspath(args.data_dir)
     common.set_devices(args.devices)
-
-    import functools
-
-    import jax
-
-    from bt_jax import checkpoint, distributed, models, optim, pretrain
-
-    config = make_config(args)
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bt_quality_cifar10_")
-    print(f"pretraining in {workdir} on {jax.device_count()} {jax.default_backend()} device(s)")
+    root = args.workdir or tempfile.mkdtemp(prefix="bt_quality_cifar10_")
     print(
         f"resnet18 x{args.width} cifar stem, projector {args.projector}, batch {args.batch}, "
-        f"{args.epochs} epochs, {args.dtype}",
+        f"{args.epochs} epochs ({args.warmup_epochs} warm-up), lr {args.lr_weights}/"
+        f"{args.lr_biases}, eta {args.eta}, wd {args.weight_decay}, loss x {args.loss_scale}, "
+        f"clip_lr {args.clip_lr}, {args.normalization} normalisation, {args.dtype}, "
+        f"seeds {args.seeds}",
         flush=True,
     )
-
-    t0 = time.perf_counter()
-    train_config = (
-        monitored(config, args.monitor_every_epochs) if args.monitor_every_epochs else config
-    )
-    result = pretrain.train_and_evaluate(train_config, workdir)
-    train_seconds = time.perf_counter() - t0
-    steps = int(result["step"])
-    images_per_s = steps * args.batch / train_seconds
-    print(
-        f"pretraining: {steps} steps in {train_seconds:.0f} s (with compile and checkpoint): "
-        f"{images_per_s:.1f} images/s; last loss {result.get('loss', float('nan')):.1f}",
-        flush=True,
-    )
-
-    # The final state, restored from the run's checkpoint exactly as the job left it.
-    mesh = distributed.make_mesh()
-    model = models.build_model(config.model)
-    tx, _ = optim.make_optimizer(
-        config.optim, global_batch=args.batch, warmup_steps=1, total_steps=steps + 1
-    )
-    init = functools.partial(pretrain.init_state, model, tx, config, 32)
-    replicated = distributed.replicated(mesh)
-    with jax.set_mesh(mesh):
-        abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-            jax.eval_shape(init),
-        )
-        ckpt = checkpoint.Checkpointer(workdir, async_save=False)
-        state, _ = ckpt.restore(ckpt.latest_step(), abstract)
-        ckpt.close()
-        fresh = jax.jit(init, out_shardings=replicated)()
-
-        def backbone_vars(s):
-            return {"params": s.params["backbone"], "batch_stats": s.batch_stats["backbone"]}
-
-        pretrained = knn_top1(model, backbone_vars(state), config, mesh)
-        print(
-            f"kNN top-1, pretrained backbone: {pretrained['top1']:.2f}% "
-            f"({pretrained['seconds']:.0f} s)",
-            flush=True,
-        )
-        random = knn_top1(model, backbone_vars(fresh), config, mesh)
-        print(
-            f"kNN top-1, random backbone:     {random['top1']:.2f}% ({random['seconds']:.0f} s)",
-            flush=True,
-        )
-
+    runs = [run_seed(args, seed, root) for seed in args.seeds]
+    keys = ("knn_top1_pretrained", "knn_top1_random", "gap_points", "train_seconds")
+    summary = {key: summarise(runs, key) for key in keys}
     out = {
-        "knn_top1_pretrained": float(pretrained["top1"]),
-        "knn_top1_random": float(random["top1"]),
-        "train_seconds": float(train_seconds),
-        "images_per_s": float(images_per_s),
         "command": common.command_line(),
-        "gap_points": float(pretrained["top1"] - random["top1"]),
-        "knn_top5_pretrained": float(pretrained["top5"]),
-        "knn_top5_random": float(random["top5"]),
-        "knn_seconds": float(pretrained["seconds"] + random["seconds"]),
-        "steps": steps,
-        "epochs": steps * args.batch / 50_000,
-        "final_loss": float(result.get("loss", float("nan"))),
-        "steady_images_per_s": float(result.get("images_per_s", float("nan"))),
-        "setup": {
-            "config": "configs/cifar10.py",
-            "dataset": DATASET,
-            "arch": "resnet18 (cifar stem)",
-            "width": args.width,
-            "projector": args.projector,
-            "batch": args.batch,
-            "epochs": args.epochs,
-            "warmup_epochs": args.warmup_epochs,
-            "lr": args.lr,
-            "lr_biases": args.lr if args.lr_biases is None else args.lr_biases,
-            "dtype": args.dtype,
-            "knn": {"k": config.knn.k, "temperature": config.knn.temperature},
-        },
+        "setup": {k: v for k, v in vars(args).items() if k not in ("json", "workdir")},
+        "summary": summary,
+        "runs": runs,
     }
-    print()
-    print(
-        common.table(
-            [
-                ["pretrained", out["knn_top1_pretrained"], out["knn_top5_pretrained"]],
-                ["random init", out["knn_top1_random"], out["knn_top5_random"]],
-            ],
-            ["backbone", "kNN top-1 %", "kNN top-5 %"],
-        )
+    rows = [
+        [
+            r["seed"],
+            r["knn_top1_pretrained"],
+            r["knn_top5_pretrained"],
+            r["knn_top1_random"],
+            r["gap_points"],
+            r["train_seconds"],
+        ]
+        for r in runs
+    ]
+    rows.append(
+        ["mean ± std"]
+        + [
+            f"{summary[k]['mean']:.2f} ± {summary[k]['std']:.2f}" if k in summary else ""
+            for k in ("knn_top1_pretrained", "", "knn_top1_random", "gap_points")
+        ]
+        + [f"{summary['train_seconds']['mean']:.0f}"]
     )
+    print()
+    header = ["seed", "kNN top-1 %", "top-5 %", "random top-1 %", "gap (points)", "train s"]
+    print(common.table(rows, header))
     print(
-        f"gap {out['gap_points']:.1f} points | pretraining {train_seconds:.0f} s, "
-        f"{images_per_s:.1f} images/s overall ({out['steady_images_per_s']:.1f} at the last "
-        f"log) | kNN {out['knn_seconds']:.0f} s"
+        f"random baseline: BN statistics re-estimated on {runs[0]['random_bn_images']} "
+        f"{args.train_split} images; kNN on {runs[0]['knn_queries']} {args.knn_queries} queries"
     )
     if args.json:
         common.write_json(args.json, {**common.envelope(), **out})

@@ -4,7 +4,15 @@ value) and the evaluation protocols (the official evaluate.py's hyper-parameters
 Config files under configs/ start from these and state what they change. Every field is
 overridable on the command line: `--config.train.global_batch=1024`; an unknown field is an
 error at flag parsing, before anything runs. Config files import this module while flags
-are parsed; its own imports are ml_collections, numpy and bt_jax.data.config.
+are parsed; its own imports are ml_collections, numpy, bt_jax.data.config and
+bt_jax.data.normalization (TensorFlow-free).
+
+Some fields mean "from the data" until the job starts, because a config file cannot see
+the command line's overrides (get_config runs before them): model.normalization "auto"
+(the dataset's name picks the statistics) and, in configs/imagenet.py, optim.lr_weights and
+lr_biases 0.0 (the authors' learning rate for train.global_batch: BATCH_SIZE_TABLE).
+resolve_pretrain_config fills them in; the pretraining job runs, prints (--dry_run) and
+checkpoints the resolved config.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import os
 import ml_collections
 import numpy as np
 
+from bt_jax.data import normalization
 from bt_jax.data.config import data_config, imagenet_views
 
 # The repository root: relative config paths that do not exist from the working directory
@@ -61,6 +70,9 @@ def model_config() -> ml_collections.ConfigDict:
             stage_sizes=(),  # blocks per stage; () = the arch's (override for toy models)
             projector="8192-8192-8192",
             dtype="bfloat16",  # compute dtype; parameters, BN statistics, C and loss: fp32
+            # input mean/std: "auto" (by config.data.dataset: cifar* -> "cifar10", else
+            # "imagenet"), "imagenet" or "cifar10" (bt_jax/data/normalization.py)
+            normalization="auto",
         )
     )
 
@@ -100,8 +112,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
     config.optim = ml_collections.ConfigDict(
         dict(
             name="lars",
-            lr_weights=0.2,  # times global_batch / 256
-            lr_biases=0.0048,  # biases and BN parameters, times global_batch / 256
+            # times global_batch / 256; 0.0 = the authors' rate for the batch (BATCH_SIZE_TABLE)
+            lr_weights=0.2,
+            # biases and BN parameters, times global_batch / 256; 0.0 = lr_weights x 0.024
+            lr_biases=0.0048,
             weight_decay=1.5e-6,  # paper; the official main.py default is 1e-6
             momentum=0.9,
             eta=0.001,
@@ -127,6 +141,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
             debug_nan_at_step=0,  # >= 1: multiply that step's loss by NaN (tests); 0 = off
             debug_step_delay_s=0.0,  # host sleep after each step (tests that kill a run)
             wandb_project="",  # log to this Weights & Biases project too ("" = off)
+            # online linear probe on stop-gradient view-1 backbone features (pretrain.py):
+            # "auto" = on when the dataset has labels, "on" (an error without), "off"
+            online_probe="auto",
+            online_probe_lr=0.3,  # SGD momentum 0.9, times global_batch / 256, lr schedule's shape
         )
     )
     config.data = data_config("imagenet2012")
@@ -166,9 +184,8 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
         ("train.log_every_steps", 100),
         ("train.checkpoint_every_steps", 2000),
         ("train.device_prefetch", 2),
-        ("optim.lr_weights", 0.2),
-        ("optim.lr_biases", 0.0048),
         ("optim.eta", 0.001),
+        ("train.online_probe_lr", 0.3),
         ("loss.scale", 1.0),
         ("model.width", 1.0),
         ("knn.k", 200),
@@ -184,6 +201,8 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
         ("train.debug_step_delay_s", 0, 0.0),
         ("optim.weight_decay", 0, 1.5e-6),
         ("optim.warmup_epochs", 0, 10),
+        ("optim.lr_weights", 0, "0.2 (0.0: from the batch-size table)"),
+        ("optim.lr_biases", 0, "0.0048 (0.0: lr_weights x 0.024)"),
         ("optim.reference_world_size", 0, "0 (the true gradient)"),
         ("loss.lambd", 0, 0.0051),
         ("knn.every_epochs", 0, "0 (only at the end)"),
@@ -193,6 +212,23 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
     need(0 <= optim.momentum < 1, "optim.momentum", "must be in [0, 1), e.g. 0.9")
     need(0 <= optim.end_factor <= 1, "optim.end_factor", "must be in [0, 1], e.g. 0.001")
     need(optim.name == "lars", "optim.name", "the one optimizer is 'lars'")
+    if optim.lr_weights == 0 and train.global_batch < BATCH_SIZE_TABLE_MIN:
+        need(
+            False,
+            "optim.lr_weights",
+            f"0.0 takes the authors' rate for train.global_batch={train.global_batch}, but "
+            f"their table starts at {BATCH_SIZE_TABLE_MIN}: give a rate, e.g. 1.0",
+        )
+    need(
+        train.online_probe in PROBE_MODES,
+        "train.online_probe",
+        f"one of {', '.join(PROBE_MODES)}",
+    )
+    need(
+        model.normalization in normalization.CHOICES,
+        "model.normalization",
+        f"one of {', '.join(normalization.CHOICES)}",
+    )
     if math.isfinite(optim.warmup_epochs) and train.epochs > 0:
         need(
             optim.warmup_epochs < train.epochs,
@@ -230,6 +266,106 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
 
 # Compute dtypes of the model (parameters, BN statistics and the loss are float32 anyway).
 _COMPUTE_DTYPES = ("bfloat16", "float32", "float16")
+PROBE_MODES = ("auto", "on", "off")
+
+
+def resolve_pretrain_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of a valid pretraining config with its "from the data" fields filled in.
+
+    model.normalization "auto" -> the preset the dataset's name selects; optim.lr_weights
+    0.0 -> batch_size_recipe(train.global_batch)'s; optim.lr_biases 0.0 -> lr_weights x
+    MARCH_2021_SCALE_LOSS (the authors' own translation: 0.2 -> 0.0048).
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.normalization = normalization.resolve(
+        config.model.normalization, config.data.dataset
+    )
+    if config.optim.lr_weights == 0:
+        config.optim.lr_weights = batch_size_recipe(config.train.global_batch)["lr_weights"]
+    if config.optim.lr_biases == 0:
+        config.optim.lr_biases = round(config.optim.lr_weights * MARCH_2021_SCALE_LOSS, 12)
+    return config
+
+
+# ---------------------------------------------------------------------------------------
+# The authors' learning rate per batch size.
+#
+# Measured (facebookresearch/barlowtwins issue #7, J. Zbontar, 2021-03-24: "Here is a table
+# of the best learning rate we found for a number of batch sizes (and 300 epochs of
+# training)"): ResNet-50, ImageNet, 300 epochs, lambd 0.0051, projector 8192-8192-8192,
+# with the code of March 2021 (main.py at f13c949 / 633dc56). That code has one learning
+# rate for every parameter, `--learning-rate` (times batch / 256, as today), multiplies the
+# loss by `--scale-loss` s = 0.024 and decays weights by `--weight-decay` 1e-6 (its
+# default; the issue's command sets neither LR groups nor decay). The top-1 column is the
+# linear evaluation on ImageNet.
+#
+# Today's code (since 046eec3, 2021-06-02) has no loss scale and two rates, lr_weights and
+# lr_biases (biases and BN parameters). Through LARS, with L the March rate and g the
+# gradient of the unscaled loss (both codes also divide it by the GPU count W, see
+# optim.reference_world_size; W is not recorded for these runs):
+# - weights: LARS steps along d = s g + wd p scaled to eta ||p|| / ||d||, so the step is
+#   eta ||p|| (g + (wd / s) p) / ||g + (wd / s) p||: s cancels except in the decay balance.
+#   lr_weights = L, with weight decay wd / s = 1e-6 / 0.024 = 4.17e-5 for the same step;
+# - biases and BN: no trust ratio, the step is L s g: lr_biases = s L.
+# The authors translated their 2048 run this way (0.2 -> 0.2 / 0.0048) but kept weight
+# decay 1e-6, i.e. 1/s = 41.7 times less decay relative to the gradient than the table's
+# runs had (the README checkpoint, 73.5 % after 1000 epochs, was trained so; barlowtwins
+# issue #23: the "mathematically equivalent formulation does not yield the same accuracy",
+# which the decay balance would explain). So batch_size_recipe gives lr_weights = L and
+# lr_biases = s L for today's code, and reports the decay that would make the step the
+# measured one; configs keep their own weight decay (configs/imagenet.py: 1.5e-6 or 1e-6).
+#
+# Between the measured batches the rate is interpolated linearly in log2(batch); from 64 to
+# 128 towards the rate the authors suggested, not measured, for 64 ("judging from the
+# table, a reasonable learning rate for a batch size of 64 would be 1.0"); above 4096 it
+# stays 0.2 (2048 and 4096 agree); below 64 there is no recipe.
+
+BATCH_SIZE_TABLE = (  # (global batch, March-2021 --learning-rate, ImageNet linear top-1 %)
+    (128, 0.7, 69.7),
+    (256, 0.4, 70.7),
+    (512, 0.3, 71.4),
+    (1024, 0.25, 71.7),
+    (2048, 0.2, 71.4),
+    (4096, 0.2, 70.7),
+)
+BATCH_SIZE_TABLE_EPOCHS = 300
+SUGGESTED_LR_AT_64 = 1.0  # the authors' guess in the same comment, not a measurement
+BATCH_SIZE_TABLE_MIN = 64
+MARCH_2021_SCALE_LOSS = 0.024
+MARCH_2021_WEIGHT_DECAY = 1e-6
+
+
+def batch_size_recipe(global_batch: int) -> dict:
+    """Today's two-LR form of the authors' table at `global_batch` (see above).
+
+    {"lr_weights", "lr_biases": base rates (times batch / 256, as every config's),
+     "equivalent_weight_decay": the decay that gives the table's weight step with no loss
+     scale (wd 1e-6 / 0.024), "source": "measured", "interpolated" or "extrapolated",
+     "top1": the authors' ImageNet top-1 after 300 epochs where measured, else None}.
+    """
+    if global_batch < BATCH_SIZE_TABLE_MIN:
+        raise ValueError(
+            f"the authors' batch-size table starts at {BATCH_SIZE_TABLE_MIN}; batch "
+            f"{global_batch} needs its own --config.optim.lr_weights"
+        )
+    measured = {batch: (lr, top1) for batch, lr, top1 in BATCH_SIZE_TABLE}
+    if global_batch in measured:
+        lr, top1 = measured[global_batch]
+        source = "measured"
+    else:
+        top1 = None
+        points = [(BATCH_SIZE_TABLE_MIN, SUGGESTED_LR_AT_64)] + [b[:2] for b in BATCH_SIZE_TABLE]
+        batches, rates = zip(*points, strict=True)
+        lr = float(np.interp(math.log2(global_batch), np.log2(batches), rates))
+        inside = BATCH_SIZE_TABLE[0][0] < global_batch < BATCH_SIZE_TABLE[-1][0]
+        source = "interpolated" if inside else "extrapolated"
+    return {
+        "lr_weights": lr,
+        "lr_biases": round(lr * MARCH_2021_SCALE_LOSS, 12),
+        "equivalent_weight_decay": MARCH_2021_WEIGHT_DECAY / MARCH_2021_SCALE_LOSS,
+        "source": source,
+        "top1": top1,
+    }
 
 
 def _field(config, dotted: str):
@@ -250,10 +386,17 @@ def eval_config(job: str, dataset: str = "imagenet2012") -> ml_collections.Confi
     torchvision / timm ResNet state dict, .safetensors or .pth, e.g. the official Barlow
     Twins resnet50.pth; the architecture is inferred from it: bt_jax/evaluation/backbone.py).
     backbone_dtype: compute dtype, "" = the pretraining config's (a workdir) or float32 (a
-    file: what torch evaluates it in; "bfloat16" is faster). random_init: evaluate a freshly
-    initialised backbone of the same architecture instead of the trained weights (the
-    baseline every SSL number should be compared with); expected_arch: "" or an arch name
-    ("resnet50"): refuse a backbone of another architecture; overwrite: replace the
+    file: what torch evaluates it in; "bfloat16" is faster). backbone_normalization: the
+    input mean/std, "" = the backbone's own (its pretraining run's, recorded in the
+    checkpoint, whatever dataset is evaluated; ImageNet's for a file, the torchvision/timm
+    convention), or a preset (bt_jax/data/normalization.py) for a file trained otherwise.
+    random_init: evaluate a freshly initialised backbone of the same architecture instead of
+    the trained weights (the baseline every SSL number should be compared with), its BN
+    running statistics re-estimated on the evaluated dataset's training images (precise BN:
+    the mean over random_init_bn.batches batches of random_init_bn.global_batch images,
+    eval preprocessing, of each BN layer's train-mode batch statistics; 0 batches keeps the
+    initial mean 0 / variance 1, which no trained network has); expected_arch: "" or an arch
+    name ("resnet50"): refuse a backbone of another architecture; overwrite: replace the
     results of an earlier evaluation in the same --workdir.
     """
     config = ml_collections.ConfigDict()
@@ -263,7 +406,9 @@ def eval_config(job: str, dataset: str = "imagenet2012") -> ml_collections.Confi
     config.pretrained_step = -1
     config.pretrained_torchvision = ""
     config.backbone_dtype = ""
+    config.backbone_normalization = ""
     config.random_init = False
+    config.random_init_bn = ml_collections.ConfigDict(dict(batches=50, global_batch=256))
     config.expected_arch = ""
     config.overwrite = False
     config.log_every_steps = 50

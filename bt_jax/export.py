@@ -13,8 +13,12 @@ what `timm.create_model("local-dir:DIR", pretrained=True)` (or "hf-hub:USER/REPO
 --push_to_hub) loads. With --include_projector the projector follows as `projector.<i>.*`,
 named as in the official Barlow Twins checkpoint. detectron2: model_d2.pkl, the pickle its
 tools/convert-torchvision-to-d2.py would produce (stem.*, res2..res5, shortcut,
-convN.norm), for detection transfer (set MODEL.PIXEL_MEAN/STD to torchvision's RGB values and
-INPUT.FORMAT to RGB).
+convN.norm), for detection transfer (the card gives MODEL.PIXEL_MEAN/STD: the run's input
+statistics, in RGB and 0-255 units, with INPUT.FORMAT RGB).
+
+Every file states the input normalisation the backbone was pretrained with (the run's
+config.model.normalization: ImageNet's or CIFAR-10's mean/std, bt_jax/data/normalization.py):
+the card in words and numbers, timm's config.json in its pretrained_cfg mean/std.
 
 The key mapping lives in bt_jax/models/torchvision_layout.py.
 """
@@ -29,7 +33,7 @@ import sys
 
 import numpy as np
 
-from bt_jax.data import IMAGENET_MEAN, IMAGENET_STD
+from bt_jax.data import normalization
 from bt_jax.models.torchvision_layout import (
     backbone_to_torchvision,
     projector_to_torch,
@@ -72,8 +76,9 @@ def is_timm_architecture(model_cfg: dict) -> bool:
     return model_cfg["width"] == 1 and not model_cfg["cifar_stem"] and not model_cfg["stage_sizes"]
 
 
-def timm_config(model_cfg: dict, image_size: int) -> dict:
-    """config.json as timm writes it for a headless ResNet (num_classes 0: no fc)."""
+def timm_config(model_cfg: dict, image_size: int, stats: normalization.Normalization) -> dict:
+    """config.json as timm writes it for a headless ResNet (num_classes 0: no fc); stats:
+    the input mean/std the backbone was trained with."""
     return {
         "architecture": model_cfg["arch"],
         "num_classes": 0,
@@ -86,13 +91,18 @@ def timm_config(model_cfg: dict, image_size: int) -> dict:
             "interpolation": "bicubic",
             "crop_pct": 0.875,
             "crop_mode": "center",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            "mean": list(stats.mean),
+            "std": list(stats.std),
             "num_classes": 0,
             "first_conv": "conv1",
             "classifier": "fc",
         },
     }
+
+
+def _in_0_255(values) -> list[float]:
+    """detectron2 wants pixel statistics in 0-255 units."""
+    return [round(255 * v, 4) for v in values]
 
 
 def _table(rows) -> str:
@@ -115,6 +125,8 @@ def model_card(
     """
     model = config["model"]
     arch, dataset = model["arch"], config["data"]["dataset"]
+    preset = normalization.preset_of(config)
+    stats = normalization.PRESETS[preset]
     steps_per_epoch = next((r["step"] / r["epoch"] for r in metrics if r.get("epoch")), None)
     epochs = f", epoch {step / steps_per_epoch:.2f}" if steps_per_epoch else ""
     timm = is_timm_architecture(model)
@@ -139,8 +151,9 @@ def model_card(
     ]
     if "model.safetensors" in files:
         out.append(
-            "Inputs: RGB, scaled to [0, 1], normalised with ImageNet's mean "
-            f"{list(IMAGENET_MEAN)} and std {list(IMAGENET_STD)}.\n\n"
+            f"Inputs: RGB, scaled to [0, 1], normalised with the statistics the backbone was "
+            f"pretrained with ({preset}): mean {list(stats.mean)} and std {list(stats.std)}."
+            "\n\n"
             "```python\nimport safetensors.torch, torch, torchvision\n"
             f"net = torchvision.models.{arch}()\nnet.fc = torch.nn.Identity()\n"
             'net.load_state_dict(safetensors.torch.load_file("model.safetensors"))\n```\n'
@@ -159,8 +172,8 @@ def model_card(
     if "model_d2.pkl" in files:
         out.append(
             "detectron2: `MODEL.WEIGHTS=model_d2.pkl`, `INPUT.FORMAT=RGB`, "
-            "`MODEL.PIXEL_MEAN=[123.675, 116.28, 103.53]`, `MODEL.PIXEL_STD=[58.395, 57.12, "
-            "57.375]`.\n"
+            f"`MODEL.PIXEL_MEAN={_in_0_255(stats.mean)}`, `MODEL.PIXEL_STD={_in_0_255(stats.std)}` "
+            f"({preset} statistics, as pretrained).\n"
         )
     out += [
         "## Pretraining protocol\n",
@@ -261,7 +274,8 @@ def export(
         if is_timm_architecture(config["model"]) and not include_projector:
             image_size = config["augment"]["view1"]["image_size"]
             with open(os.path.join(out, TIMM_CONFIG), "w") as f:
-                json.dump(timm_config(config["model"], image_size), f, indent=2)
+                stats = normalization.of_config(config)
+                json.dump(timm_config(config["model"], image_size, stats), f, indent=2)
             files[TIMM_CONFIG] = "timm's model config (architecture, preprocessing)"
     else:
         with open(weights, "wb") as f:

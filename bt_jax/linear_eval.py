@@ -32,7 +32,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if cfg.mode not in MODES:
         raise ValueError(f"linear.mode must be one of {MODES}; got {cfg.mode!r}")
     protocol = "linear" if cfg.mode == "images" else "linear_fast_features"
-    job = evaluation_job.start(config, workdir, protocol)
+    job = evaluation_job.start(config, workdir, protocol, image_size=cfg.image_size)
     if cfg.mode == "images":
         train, val = protocols.augmented_splits(
             cfg, config.data, config.data, job, seed=config.seed

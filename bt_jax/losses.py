@@ -26,7 +26,7 @@ its D/M columns] and
      C_ii of those columns are local (no statistics to psum);
   2. reduce-scatters its partial Grams z_cols z_cols^T over all K devices into [N/K, N] row
      blocks of G1 and G2 (rows zero-padded to a multiple of K);
-  3. psums three scalars: its shares of <G1, G2>, sum (1 - C_ii)^2 and sum C_ii^2.
+  3. psums four scalars: its shares of <G1, G2>, sum (1 - C_ii)^2, sum C_ii^2 and sum C_ii.
 No device holds a whole row of z, a whole C or a D x D / D x D/W block. Transposing rows into
 columns moves N D/K floats per view where all-gathering rows for [N/W, N] Gram blocks moves
 N D; the reduce-scatter adds N^2. The Gram's backward is one matmul, (dG + dG^T) z.
@@ -86,11 +86,16 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class LossTerms(NamedTuple):
-    """The loss and its two parts: loss = invariance + lambd * redundancy."""
+    """The loss and its two parts, loss = invariance + lambd * redundancy, and trace(C).
+
+    Scale-free health statistics follow (pretrain.py logs them): the mean of C's diagonal,
+    diagonal / D, and the RMS of its off-diagonal entries, sqrt(redundancy / (D (D - 1))).
+    """
 
     loss: jax.Array
     invariance: jax.Array  # sum_i (1 - C_ii)^2
     redundancy: jax.Array  # sum_{i != j} C_ij^2 (not yet multiplied by lambd)
+    diagonal: jax.Array  # sum_i C_ii
 
 
 def _check_pair(z1, z2) -> None:
@@ -125,12 +130,12 @@ def _eye_block(rows: int, cols: int, col_offset=0) -> jax.Array:
 
 
 def _terms_from_block(c_block, col_offset=0):
-    """(invariance, redundancy) partial sums of a [D, D_block] block of C."""
+    """(invariance, redundancy, diagonal) partial sums of a [D, D_block] block of C."""
     eye = _eye_block(c_block.shape[0], c_block.shape[1], col_offset)
     sq_dev = jnp.square(c_block - eye)  # (1 - C_ii)^2 on the diagonal, C_ij^2 off it
     invariance = jnp.sum(eye * sq_dev)
     redundancy = jnp.sum((1.0 - eye) * sq_dev)
-    return invariance, redundancy
+    return invariance, redundancy, jnp.sum(eye * c_block)
 
 
 def cross_correlation(z1: jax.Array, z2: jax.Array) -> jax.Array:
@@ -141,8 +146,8 @@ def cross_correlation(z1: jax.Array, z2: jax.Array) -> jax.Array:
 
 
 def _terms_c_single(z1, z2, lambd):
-    inv, red = _terms_from_block(cross_correlation(z1, z2))
-    return LossTerms(inv + lambd * red, inv, red)
+    inv, red, diag = _terms_from_block(cross_correlation(z1, z2))
+    return LossTerms(inv + lambd * red, inv, red, diag)
 
 
 def _global_standardize(z_local, n_global, axis):
@@ -164,9 +169,8 @@ def _terms_gather_local(z1_local, z2_local, *, n_global, lambd, axis):
     z2n_cols = jax.lax.all_to_all(z2n, axis, split_axis=1, concat_axis=0, tiled=True)
     c_block = jnp.einsum("nd,ne->de", z1n_all, z2n_cols, precision=_HIGHEST) / n_global
     offset = jax.lax.axis_index(axis) * (d // num_shards)
-    inv, red = _terms_from_block(c_block, offset)
-    inv, red = jax.lax.psum((inv, red), axis)
-    return LossTerms(inv + lambd * red, inv, red)
+    inv, red, diag = jax.lax.psum(_terms_from_block(c_block, offset), axis)
+    return LossTerms(inv + lambd * red, inv, red, diag)
 
 
 def _terms_allreduce_local(z1_local, z2_local, *, n_global, lambd, axis):
@@ -174,8 +178,8 @@ def _terms_allreduce_local(z1_local, z2_local, *, n_global, lambd, axis):
     z2n = _global_standardize(z2_local, n_global, axis)
     c_partial = jnp.einsum("nd,ne->de", z1n, z2n, precision=_HIGHEST) / n_global
     c = jax.lax.psum(c_partial, axis)
-    inv, red = _terms_from_block(c)
-    return LossTerms(inv + lambd * red, inv, red)
+    inv, red, diag = _terms_from_block(c)
+    return LossTerms(inv + lambd * red, inv, red, diag)
 
 
 def _terms_jit(z1, z2, lambd, mesh, axis):
@@ -190,8 +194,8 @@ def _terms_jit(z1, z2, lambd, mesh, axis):
         c = jnp.einsum("nd,ne->de", z1n, z2n, precision=_HIGHEST)
         c = jax.lax.with_sharding_constraint(c, c_sharding)
     c = c / n
-    inv, red = _terms_from_block(c)
-    return LossTerms(inv + lambd * red, inv, red)
+    inv, red, diag = _terms_from_block(c)
+    return LossTerms(inv + lambd * red, inv, red, diag)
 
 
 # --- gram ----------------------------------------------------------------------------------
@@ -217,6 +221,7 @@ def _terms_gram(z1n, z2n, *, n_global, lambd, axes=()):
     c_diag = jnp.sum(z1n * z2n, axis=0) / n_global  # C_ii of these columns
     inv = jnp.sum(jnp.square(1.0 - c_diag))
     diag_sq = jnp.sum(jnp.square(c_diag))
+    diag = jnp.sum(c_diag)
     g1, g2 = _gram(z1n), _gram(z2n)  # partial [N, N] Grams over these columns
     if axes:
         pad = -n_global % jax.lax.axis_size(axes)  # zero rows add nothing to <G1, G2>
@@ -225,9 +230,9 @@ def _terms_gram(z1n, z2n, *, n_global, lambd, axes=()):
         )
     frob = jnp.sum(g1 * g2) / n_global**2  # this device's share of sum_ij C_ij^2
     if axes:
-        inv, frob, diag_sq = jax.lax.psum((inv, frob, diag_sq), axes)
+        inv, frob, diag_sq, diag = jax.lax.psum((inv, frob, diag_sq, diag), axes)
     red = frob - diag_sq
-    return LossTerms(inv + lambd * red, inv, red)
+    return LossTerms(inv + lambd * red, inv, red, diag)
 
 
 def _terms_gram_local(z1_local, z2_local, *, n_global, lambd, data_axis, axes):
@@ -344,7 +349,7 @@ def barlow_twins_terms(
     axis: str = DATA_AXIS,
     model_axis: str = MODEL_AXIS,
 ) -> LossTerms:
-    """Loss, invariance and redundancy terms; see barlow_twins_loss."""
+    """Loss, invariance and redundancy terms and trace(C); see LossTerms, barlow_twins_loss."""
     _check_pair(z1, z2)
     _check_strategy(strategy)
     n, d = z1.shape

@@ -62,6 +62,7 @@ def dry_run(config, workdir: str) -> None:
         raise ValueError("--workdir is required: the folder for checkpoints and metrics")
     if config.job == "pretrain":
         defaults.validate_pretrain_config(config)
+        config = defaults.resolve_pretrain_config(config)  # what the job will run
     print(config, end="")
     print(f"bt_jax: dry run: job {config.job}, workdir {workdir}: config OK; nothing was run")
 

@@ -154,6 +154,39 @@ def gradient_scale(optim_config) -> float:
     return 1.0 / world if world else 1.0
 
 
+def lars_statistics(grads, params, optim_config) -> dict:
+    """What LARS sees this step, per parameter group (health metrics for the train step).
+
+    grad_norm_weights / grad_norm_biases: the global L2 norm of the gradient LARS receives
+    (the differentiated loss's gradient times gradient_scale) over the weights (ndim > 1)
+    and over the biases and BN parameters. trust_ratio_mean: the mean over weight tensors
+    of eta ||p|| / ||g + wd p||, the official ratio before any clip_lr cap. ||p|| and
+    ||g + wd p|| are the expressions the LARS update computes from the same arrays, so under
+    one jit XLA computes them once: no second pass over the parameters (compiled with the
+    update, the statistics add one reduction per gradient tensor, the sum of its squares,
+    and none over parameters).
+    """
+    scale = gradient_scale(optim_config)
+    wd, eta = optim_config.weight_decay, optim_config.eta
+    weights, squares, ratios = weight_mask(params), {True: [], False: []}, []
+    for g, p, is_weight in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(params), jax.tree.leaves(weights), strict=True
+    ):
+        g = g.astype(jnp.float32) * scale
+        squares[is_weight].append(jnp.sum(jnp.square(g)))
+        if is_weight:
+            ratios.append(_trust_ratio(p, g + wd * p, eta))
+    return {
+        "grad_norm_weights": _global_norm(squares[True]),
+        "grad_norm_biases": _global_norm(squares[False]),
+        "trust_ratio_mean": jnp.mean(jnp.stack(ratios)) if ratios else jnp.ones([]),
+    }
+
+
+def _global_norm(squared_norms: list) -> jax.Array:
+    return jnp.sqrt(sum(squared_norms)) if squared_norms else jnp.zeros([], jnp.float32)
+
+
 def make_optimizer(optim_config, *, global_batch: int, warmup_steps: int, total_steps: int):
     """The pretraining optimizer from config.optim; returns (tx, learning-rate schedules).
 

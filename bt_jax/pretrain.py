@@ -8,14 +8,28 @@ computed with the configured sharding strategy (see losses.py).
 Resuming is exact: the input pipeline is a pure function of (seed, step) and the step is
 deterministic, so a run restarted from the checkpoint of step k reproduces the
 uninterrupted run bit for bit on CPU.
+
+With labels (train.online_probe, "auto": when the dataset has them) the step also trains an
+online linear probe: a linear head on view 1's backbone features behind a stop-gradient,
+with its own SGD, so it never changes the backbone or projector. View 1's features are
+already computed by the step (an un-augmented image would cost a third forward pass and a
+third decode); the price is that the probe trains on augmented crops and is scored on
+center crops (with the kNN monitor), so it reads a little below a linear evaluation.
+
+Health metrics every log step, from what the step computes anyway: the mean of C's
+diagonal and the RMS of its off-diagonal (from the loss terms), the gradient norm of the
+weights and of the biases/BN parameters and the mean LARS trust ratio (optim.lars_statistics);
+with the kNN monitor, RankMe of the bank's backbone features (README, Metrics).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -28,9 +42,11 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from bt_jax import checkpoint, data, defaults, distributed, losses, optim, reporting
+from bt_jax.data import normalization
 from bt_jax.data.device_ops import finish_views
-from bt_jax.evaluation import knn
-from bt_jax.models import build_model
+from bt_jax.evaluation import classifier, knn
+from bt_jax.evaluation.features import Encoder
+from bt_jax.models import ResNet, build_model
 
 
 @flax.struct.dataclass
@@ -41,21 +57,108 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # raw uint32 key; folded with the step for any stochastic layer
     first_bad_step: jax.Array  # -1 while every loss so far was finite
+    probe_params: Any  # the online linear probe's head (None without the probe)
+    probe_opt_state: Any
 
 
-def _train_step(state: TrainState, batch, *, model, tx, loss_cfg, views_cfg, mesh, nan_at=-1):
-    """One LARS step on a global batch {"view1", "view2"} of uint8 images.
+@dataclasses.dataclass(frozen=True)
+class OnlineProbe:
+    """The online linear probe's static part (hashable: a jit static argument)."""
+
+    num_classes: int
+    tx: optax.GradientTransformation
+    learning_rate: Callable  # step -> lr, for the metrics
+
+    def init(self, num_features: int, seed: int):
+        """(head parameters, optimizer state): the linear protocol's head, N(0, 0.01)."""
+        head = classifier.linear_head(self.num_classes)
+        key = jax.random.fold_in(jax.random.key(seed), 1)
+        params = head.init(key, jnp.zeros((1, num_features), jnp.float32))["params"]
+        return params, self.tx.init(params)
+
+    def step(self, params, opt_state, features, labels):
+        """One SGD step on (stop-gradient) features; labels < 0 (unlabelled) are masked."""
+        head = classifier.linear_head(self.num_classes)
+        mask = labels >= 0
+
+        def loss_fn(p):
+            logits = head.apply({"params": p}, features)
+            safe = jnp.where(mask, labels, 0)
+            return classifier.masked_cross_entropy(logits, safe, mask), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        hits = (jnp.argmax(logits, -1) == labels) & mask
+        top1 = 100.0 * jnp.sum(hits) / jnp.maximum(jnp.sum(mask), 1)
+        metrics = {"online_linear_loss": loss, "online_linear_train_top1": top1}
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+
+def online_probe(config, num_classes: int, plan: dict) -> OnlineProbe | None:
+    """The probe config.train.online_probe asks for on a dataset of num_classes (0 =
+    unlabelled): SGD with momentum 0.9, no decay, lr online_probe_lr x batch / 256 on the
+    pretraining schedule's warm-up + cosine shape (as solo-learn's online classifier
+    follows its scheduler)."""
+    mode = config.train.online_probe
+    if mode == "off" or (mode == "auto" and not num_classes):
+        return None
+    if not num_classes:
+        raise ValueError(
+            f"config.train.online_probe='on' needs labels, but {config.data.dataset} has no "
+            "ClassLabel 'label'; use --config.train.online_probe=auto (or off)"
+        )
+    lr = config.train.online_probe_lr * config.train.global_batch / 256
+    schedule = optim.warmup_cosine_schedule(
+        lr, plan["warmup_steps"], plan["total_steps"], config.optim.end_factor
+    )
+    return OnlineProbe(num_classes, classifier.torch_sgd(schedule, 0.9, 0.0), schedule)
+
+
+def _is_backbone_call(module, method_name: str) -> bool:
+    return isinstance(module, ResNet) and method_name == "__call__"
+
+
+def health_metrics(terms: losses.LossTerms, features: int) -> dict:
+    """Mean of C's diagonal and RMS of its off-diagonal entries, from the loss's own sums."""
+    pairs = max(features * (features - 1), 1)
+    return {
+        "c_diag_mean": terms.diagonal / features,
+        "c_offdiag_rms": jnp.sqrt(jnp.maximum(terms.redundancy, 0.0) / pairs),
+    }
+
+
+def _train_step(
+    state: TrainState,
+    batch,
+    *,
+    model,
+    tx,
+    loss_cfg,
+    optim_cfg,
+    views_cfg,
+    stats,
+    mesh,
+    probe=None,
+    nan_at=-1,
+):
+    """One LARS step on a global batch {"view1", "view2"[, "label"]} of uint8 images.
 
     With views_cfg.pixel_ops == "device" the batch also holds each example's colour-jitter /
     grayscale / blur / solarize draws, applied here on the accelerator (the host only
-    decodes, crops and flips); otherwise the views arrive finished and are only normalised.
+    decodes, crops and flips); otherwise the views arrive finished and are only normalised
+    (with `stats`). With a probe, its head takes one step on view 1's backbone features.
     """
-    view1, view2 = finish_views(batch, views_cfg)
+    view1, view2 = finish_views(batch, views_cfg, stats)
 
     def loss_fn(params):
         variables = {"params": params, "batch_stats": state.batch_stats}
         (z1, z2), new_vars = model.apply(
-            variables, view1, view2, train=True, mutable=["batch_stats"]
+            variables,
+            view1,
+            view2,
+            train=True,
+            mutable=["batch_stats", "intermediates"] if probe else ["batch_stats"],
+            capture_intermediates=_is_backbone_call if probe else False,
         )
         terms = losses.barlow_twins_terms(
             z1, z2, lambd=loss_cfg.lambd, mesh=mesh, strategy=loss_cfg.strategy
@@ -63,12 +166,33 @@ def _train_step(state: TrainState, batch, *, model, tx, loss_cfg, views_cfg, mes
         loss = terms.loss * loss_cfg.scale
         if nan_at >= 0:  # debugging aid and test hook: poison one step's loss
             loss = loss * jnp.where(state.step == nan_at, jnp.nan, 1.0)
-        return loss, (terms, new_vars["batch_stats"])
+        health = health_metrics(terms, z1.shape[-1])
+        return loss, (terms, health, new_vars["batch_stats"], new_vars.get("intermediates"))
 
-    (loss, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (terms, health, batch_stats, captured)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True
+    )(state.params)
     # Metrics report the unscaled loss; the non-finite guard watches the one differentiated.
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": terms.loss,
+        "invariance": terms.invariance,
+        "redundancy": terms.redundancy,
+        **health,
+        **optim.lars_statistics(grads, state.params, optim_cfg),
+    }
+    probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
+    if probe:
+        # The backbone's output on both views, interleaved as the twin model stacks them
+        # (row 2i: view 1 of example i); behind a stop-gradient nothing flows back.
+        (features,) = jax.tree.leaves(captured)
+        n = view1.shape[0]
+        view1_features = jax.lax.stop_gradient(features.reshape(n, 2, -1)[:, 0])
+        probe_params, probe_opt_state, probe_metrics = probe.step(
+            probe_params, probe_opt_state, view1_features.astype(jnp.float32), batch["label"]
+        )
+        metrics.update(probe_metrics)
 
     # A non-finite loss freezes the state at its last good value; the host sees
     # first_bad_step >= 0, stops the run and never checkpoints the poisoned state.
@@ -82,12 +206,13 @@ def _train_step(state: TrainState, batch, *, model, tx, loss_cfg, views_cfg, mes
         first_bad_step=jnp.where(
             (state.first_bad_step < 0) & ~jnp.isfinite(loss), state.step, state.first_bad_step
         ),
+        probe_params=keep_if_good(probe_params, state.probe_params),
+        probe_opt_state=keep_if_good(probe_opt_state, state.probe_opt_state),
     )
-    metrics = {"loss": terms.loss, "invariance": terms.invariance, "redundancy": terms.redundancy}
     return new_state, metrics
 
 
-_STATIC = ("model", "tx", "loss_cfg", "views_cfg", "mesh", "nan_at")
+_STATIC = ("model", "tx", "loss_cfg", "optim_cfg", "views_cfg", "stats", "mesh", "probe", "nan_at")
 train_step = jax.jit(_train_step, static_argnames=_STATIC, donate_argnums=0)
 
 # XLA:CPU options for the step (names from jax 0.10's XLA; setup.cfg pins jax < 0.11):
@@ -115,18 +240,21 @@ def step_function(mesh):
     return cpu_train_step if mesh.devices.flat[0].platform == "cpu" else train_step
 
 
-def step_options(config, model, tx, mesh) -> dict:
+def step_options(config, model, tx, mesh, probe: OnlineProbe | None = None) -> dict:
     """train_step's static arguments for `config` (frozen, so that jit can hash them)."""
     return dict(
         model=model,
         tx=tx,
         loss_cfg=ml_collections.FrozenConfigDict(config.loss),
+        optim_cfg=ml_collections.FrozenConfigDict(config.optim),
         views_cfg=ml_collections.FrozenConfigDict(config.augment),
+        stats=normalization.of_config(config),
         mesh=mesh,
+        probe=probe,
     )
 
 
-def init_state(model, tx, config, image_size: int) -> TrainState:
+def init_state(model, tx, config, image_size: int, probe: OnlineProbe | None = None) -> TrainState:
     """A fresh state (jit-compiled init, so parameters are created on the devices)."""
     # RBG keys for initialisation: threefry's unrolled hashing makes XLA take 5x longer to
     # compile the init of a ResNet (16 s vs 3 s for a toy one on CPU); the values are just
@@ -134,6 +262,9 @@ def init_state(model, tx, config, image_size: int) -> TrainState:
     init_rng = jax.random.key(config.seed, impl="rbg")
     images = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
     variables = model.init(init_rng, images, images, train=True)
+    probe_params, probe_opt_state = (
+        probe.init(model.backbone.num_features, config.seed) if probe else (None, None)
+    )
     return TrainState(
         step=jnp.zeros([], jnp.int32),
         params=variables["params"],
@@ -141,6 +272,8 @@ def init_state(model, tx, config, image_size: int) -> TrainState:
         opt_state=tx.init(variables["params"]),
         rng=jax.random.PRNGKey(config.seed),
         first_bad_step=jnp.full([], -1, jnp.int32),
+        probe_params=probe_params,
+        probe_opt_state=probe_opt_state,
     )
 
 
@@ -199,6 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     say = reporting.Progress(0, 0).say
     try:
         defaults.validate_pretrain_config(config)
+        config = defaults.resolve_pretrain_config(config)
         workdir = checkpoint.check_workdir(workdir)
         with distributed.hold_workdir(workdir, say=say):
             return _train(config, workdir, watch, say)
@@ -214,6 +348,7 @@ def _train(config, workdir: str, watch: PreemptionWatch, say) -> dict:
         config.data, config.augment, global_batch=config.train.global_batch, seed=config.seed
     )
     plan = schedule_summary(config, batches.steps_per_epoch)
+    probe = online_probe(config, batches.num_classes, plan)
     model = build_model(config.model)
     tx, schedules = optim.make_optimizer(
         config.optim,
@@ -231,7 +366,8 @@ def _train(config, workdir: str, watch: PreemptionWatch, say) -> dict:
     )
     with jax.set_mesh(mesh):
         init = jax.jit(
-            functools.partial(init_state, model, tx, config, image_size), out_shardings=replicated
+            functools.partial(init_state, model, tx, config, image_size, probe),
+            out_shardings=replicated,
         )
         abstract = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
@@ -259,7 +395,11 @@ def _train(config, workdir: str, watch: PreemptionWatch, say) -> dict:
         f"{jax.process_count()} process(es), {jax.device_count()} devices | global batch "
         f"{config.train.global_batch} | {plan['steps_per_epoch']} steps/epoch, "
         f"{plan['total_steps']} steps in {config.train.epochs} epochs (warm-up "
-        f"{plan['warmup_steps']})" + (f" | resuming at step {start}" if start else "")
+        f"{plan['warmup_steps']}) | lr {config.optim.lr_weights:g}/{config.optim.lr_biases:g} "
+        f"x {config.train.global_batch}/256 | inputs normalised with "
+        f"{config.model.normalization} statistics | online linear probe: "
+        + (f"{probe.num_classes} classes" if probe else "off")
+        + (f" | resuming at step {start}" if start else "")
     )
     if start >= plan["stop_step"]:
         progress.say(f"already trained to step {start}; nothing to do")
@@ -285,7 +425,7 @@ def _train(config, workdir: str, watch: PreemptionWatch, say) -> dict:
     )
     step_fn = functools.partial(
         step_function(mesh),
-        **step_options(config, model, tx, mesh),
+        **step_options(config, model, tx, mesh, probe),
         # the config counts steps from 1 (0 = off), train_step the updates done before it
         nan_at=config.train.debug_nan_at_step - 1,
     )
@@ -396,22 +536,34 @@ def _summarise(pending, step, elapsed, wait_time, schedules, config, plan) -> di
 
 def _progress_text(m: dict) -> str:
     skipped = m.get("skipped_images", 0)
+    probe = m.get("online_linear_train_top1")
     return (
         f"ep {m['epoch']:.2f} | loss {m['loss']:.2f} (inv {m['invariance']:.2f}, red "
-        f"{m['redundancy']:.1f}) | lr {m['lr_weights']:.4g}/{m['lr_biases']:.3g} | "
-        f"{m['images_per_s']:.1f} img/s ({m['images_per_s_per_device']:.1f}/dev) "
-        f"{m['step_time_s']:.3f} s/step, input wait {100 * m['input_wait_fraction']:.0f}%"
-    ) + (f" | {skipped} undecodable images skipped" if skipped else "")
+        f"{m['redundancy']:.1f}) | C_ii {m['c_diag_mean']:.3f}, C_ij rms "
+        f"{m['c_offdiag_rms']:.4f} | trust {m['trust_ratio_mean']:.3g} | lr "
+        f"{m['lr_weights']:.4g}/{m['lr_biases']:.3g} | {m['images_per_s']:.1f} img/s "
+        f"({m['images_per_s_per_device']:.1f}/dev) {m['step_time_s']:.3f} s/step, input "
+        f"wait {100 * m['input_wait_fraction']:.0f}%"
+    ) + (
+        (f" | probe train top-1 {probe:.1f}%" if probe is not None else "")
+        + (f" | {skipped} undecodable images skipped" if skipped else "")
+    )
 
 
 def _knn_monitor(config, model, state, mesh, writer, progress, step) -> dict:
+    """kNN top-1/top-5, RankMe of the bank features and, with the probe, its accuracy on
+    the same query features; written with tag "knn" and printed in one line."""
     variables = {"params": state.params["backbone"], "batch_stats": state.batch_stats["backbone"]}
+    encoder = Encoder(model.backbone, normalization.of_config(config))
     bank, queries = knn.splits(config.knn, config.data, mesh)
-    result = knn.evaluate(model.backbone, variables, bank, queries, config.knn, mesh)
-    named = {f"knn_{k}": v for k, v in result.items()}
+    probe = state.probe_params
+    result = knn.evaluate(encoder, variables, bank, queries, config.knn, mesh, probe=probe)
+    named = knn.named(result)
     writer.write(step, named, tag="knn")
     progress.say(
         f"kNN (k={config.knn.k}, backbone features, {config.data.dataset}) at step {step}: "
         f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}%"
+        + (f" | online linear probe top-1 {result['probe_top1']:.2f}%" if probe else "")
+        + f" | RankMe {result['rankme']:.1f} of {model.backbone.num_features} features"
     )
     return named

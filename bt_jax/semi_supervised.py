@@ -35,7 +35,7 @@ def fraction_label(config: ml_collections.ConfigDict) -> str:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     protocol = f"semi_supervised_{fraction_label(config)}"
-    job = evaluation_job.start(config, workdir, protocol)
+    job = evaluation_job.start(config, workdir, protocol, image_size=config.finetune.image_size)
     train_data = config.data
     if config.finetune.fraction:
         root = os.path.join(job.workdir, "subsets")

@@ -66,7 +66,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ValueError("the 'svm' protocol (multi-label datasets) runs alone")
     if cfg.metric not in ("top1", "mean_per_class"):
         raise ValueError(f"transfer.metric must be top1 or mean_per_class; got {cfg.metric!r}")
-    job = evaluation_job.start(config, workdir, "transfer")
+    job = evaluation_job.start(config, workdir, "transfer", image_size=cfg.image_size)
     data_cfg, results = config.data, {}
     if "linear" in cfg.protocols or multi_label:
         train, num_classes = _features(config, job, data_cfg.train_split, multi_label)

@@ -3,8 +3,9 @@ r"""Barlow Twins on CIFAR-10: ResNet-18 with the CIFAR stem, solo-learn's public
 ResNet-18 (3x3 stride-1 stem, no max-pool), projector 2048-2048-2048, batch 256, 1000
 epochs, lambda 0.0051, loss x 0.1, LARS eta 0.02 with LR clipping, lr 0.3 for all
 parameters (biases and BN excluded from decay and adaptation), wd 1e-4, 32 px views without
-blur. One known difference: solo-learn's trust ratio is eta ||p|| / (||g|| + wd ||p||), ours
-the official eta ||p|| / ||g + wd p||.
+blur, inputs normalised with CIFAR-10's mean/std (model.normalization "auto" picks them for
+any cifar* dataset; bt_jax/data/normalization.py). One known difference: solo-learn's trust
+ratio is eta ||p|| / (||g|| + wd ||p||), ours the official eta ||p|| / ||g + wd p||.
 
 Command:
 

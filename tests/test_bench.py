@@ -157,7 +157,7 @@ def test_train_step_imports_without_tensorflow(tmp_path):
     env = _without_tensorflow(tmp_path)
     imports = (
         "import sys, bt_jax.pretrain, bt_jax.models, bt_jax.losses, bt_jax.optim; "
-        "from bt_jax.data import normalize, IMAGENET_MEAN, data_config; "
+        "from bt_jax.data import normalize, IMAGENET, data_config; "
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
     )
     subprocess.run([sys.executable, "-c", imports], cwd=ROOT, env=env, check=True)
@@ -269,3 +269,71 @@ def test_documented_bench_commands_parse(argv):
     if hasattr(module, "configure"):
         config = module.configure(args)
         assert config.train.global_batch > 0
+
+
+# ------------------------------------------------------------- CIFAR-10 quality
+
+QUALITY_TOY = [  # the documented command's knobs at a toy size (the full run: ~45 min a seed)
+    "--epochs=2", "--width=0.0625", "--projector=64-64", "--batch=64", "--log_every_steps=2",
+    "--train_split=train[:256]", "--monitor_bank=train[:256]", "--monitor_queries=test[:100]",
+    "--knn_bank=train[:300]", "--knn_queries=test[:100]", "--knn_batch=100",
+    "--bn_batches=2", "--bn_batch=64",
+]  # fmt: skip
+
+
+def test_quality_defaults_are_the_reference_recipe():
+    """The issue's reference recipe, number by number, through the bench's config."""
+    import quality_cifar10
+
+    args = quality_cifar10.parse_args(["--data_dir=/nowhere"])
+    config = quality_cifar10.pretrain_config(args, seed=0)
+    assert (config.model.arch, config.model.cifar_stem, config.model.width) == (
+        "resnet18", True, 0.25,
+    )  # fmt: skip
+    assert config.model.projector == "2048-2048-2048" and config.model.dtype == "float32"
+    assert config.model.normalization == "cifar10"
+    assert (config.train.global_batch, config.train.epochs, config.optim.warmup_epochs) == (
+        256, 5, 1,
+    )  # fmt: skip
+    assert (config.optim.lr_weights, config.optim.lr_biases, config.optim.eta) == (0.3, 0.3, 0.02)
+    assert (config.optim.weight_decay, config.loss.scale, config.loss.lambd) == (1e-4, 0.1, 0.0051)
+    assert config.optim.clip_lr is False
+    assert args.seeds == [0] and quality_cifar10.parse_args(["--seeds", "0,1"]).seeds == [0, 1]
+    assert quality_cifar10.parse_args(["--clip_lr"]).clip_lr is True
+    assert (args.knn_bank, args.knn_queries) == ("train", "test")  # 50,000 / 10,000
+    random = quality_cifar10.knn_config(args, "/nowhere", seed=1, random_init=True)
+    assert random.random_init and random.seed == 1
+    assert random.random_init_bn.batches * random.random_init_bn.global_batch == 12_800
+
+
+@pytest.mark.slow
+def test_quality_bench_runs_the_documented_command_at_toy_size(tmp_path, shared_tfds_dir):
+    """`python bench/quality_cifar10.py --data_dir=... --seeds 0,1` end to end on slices:
+    two pretraining runs, the kNN job on each and on its precise-BN random baseline, the
+    table and the JSON (curves, per-epoch monitor, spread over seeds)."""
+    out = tmp_path / "quality.json"
+    argv = ["bench/quality_cifar10.py", f"--data_dir={shared_tfds_dir}", "--seeds", "0,1"]
+    result = subprocess.run(
+        [sys.executable, *argv, *QUALITY_TOY, f"--workdir={tmp_path / 'w'}", f"--json={out}"],
+        cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mean ± std" in result.stdout
+    assert "BN statistics re-estimated on 128 train[:256] images" in result.stdout
+    got = json.loads(out.read_text())
+    runs = got["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    for r in runs:
+        assert r["steps"] == 8  # 256 // 64 steps per epoch, 2 epochs
+        assert [p["step"] for p in r["loss_curve"]] == [2, 4, 6, 8]
+        assert all(math.isfinite(p["loss"]) and "c_diag_mean" in p for p in r["loss_curve"])
+        assert [(m["step"], m["epoch"]) for m in r["monitor_knn"]] == [(4, 1.0), (8, 2.0)]
+        assert all(m["knn_num_queries"] == 100 for m in r["monitor_knn"])
+        assert r["knn_queries"] == 100 and r["random_bn_images"] == 2 * 64
+        assert r["gap_points"] == pytest.approx(r["knn_top1_pretrained"] - r["knn_top1_random"])
+        assert r["train_seconds"] > 0
+    top1 = [r["knn_top1_pretrained"] for r in runs]
+    summary = got["summary"]["knn_top1_pretrained"]
+    assert summary["mean"] == pytest.approx(sum(top1) / 2)
+    assert summary["std"] == pytest.approx(abs(top1[0] - top1[1]) / math.sqrt(2))
+    assert got["setup"]["clip_lr"] is False and got["setup"]["normalization"] == "cifar10"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bt_jax import distributed
-from bt_jax.data import subsets
+from bt_jax.data import IMAGENET, subsets
 from bt_jax.evaluation import classifier, features, probes
 from bt_jax.models import resnet
 
@@ -67,7 +67,12 @@ def test_frozen_backbone_never_changes_fine_tuned_one_does(tiny, finetune):
     state = classifier.init_state(variables, module.num_features, 3, tx, finetune=finetune)
     before = jax.tree.map(np.asarray, state)
     new, metrics = classifier.train_step(
-        state, batch, backbone=module, num_classes=3, tx=tx, finetune=finetune
+        state,
+        batch,
+        backbone=features.Encoder(module, IMAGENET),
+        num_classes=3,
+        tx=tx,
+        finetune=finetune,
     )
     assert np.isfinite(float(metrics["loss"]))
 
@@ -155,3 +160,41 @@ def test_logistic_probe_on_separable_data():
             say=lambda _: None,
         )
     assert result["top1"] > 95 and result["num_examples"] == 100 and set(scores) == {1.0, 1e-3}
+
+
+def test_precise_bn_is_the_mean_of_per_batch_train_statistics(tiny):
+    """The stem BN's re-estimated running statistics against its input (the stem conv of the
+    normalised images, by lax.conv) averaged batch by batch; a padded batch ends it."""
+    from bt_jax.evaluation.backbone import precise_bn_statistics
+
+    module, variables, _ = tiny
+    rng = np.random.default_rng(3)
+    batches = [
+        {
+            "image": rng.integers(lo, lo + 100, (8, 8, 8, 3), dtype=np.uint8),
+            "label": np.zeros(8, np.int32),
+            "mask": np.arange(8) < (8 if i < 3 else 5),  # the 4th batch is padded
+        }
+        for i, lo in enumerate([0, 60, 150, 0])
+    ]
+    encoder = features.Encoder(module, IMAGENET)
+    mesh = distributed.make_mesh(8)
+    with jax.set_mesh(mesh):
+        new, used = precise_bn_statistics(encoder, variables, batches, mesh, num_batches=10)
+    assert used == 3
+    kernel = variables["params"]["conv1"]["kernel"]
+    means, variances = [], []
+    for batch in batches[:3]:
+        x = (batch["image"] / 255.0 - np.array(IMAGENET.mean)) / np.array(IMAGENET.std)
+        y = jax.lax.conv_general_dilated(
+            jnp.asarray(x, jnp.float32), kernel, (1, 1), ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=jax.lax.Precision.HIGHEST,
+        )  # fmt: skip
+        y = np.asarray(y, np.float64)
+        means.append(y.mean((0, 1, 2)))
+        variances.append(y.var((0, 1, 2)))  # biased, as BN in train mode
+    stem = new["batch_stats"]["bn1"]
+    np.testing.assert_allclose(stem["mean"], np.mean(means, 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(stem["var"], np.mean(variances, 0), rtol=1e-4, atol=1e-5)
+    deeper = new["batch_stats"]["layer1_0"]["bn1"]["var"]
+    assert not np.allclose(deeper, 1.0)  # every BN was re-estimated, not only the stem

@@ -4,6 +4,7 @@ import glob
 import os
 import pathlib
 
+import numpy as np
 import pytest
 from commands import build_config, collect, kind, main_invocations
 
@@ -29,10 +30,19 @@ def test_imagenet_recipe():
     assert c.loss.lambd == 0.0051 and c.loss.scale == 1.0
     # Optimizer and schedule
     o = c.optim
-    assert (o.name, o.lr_weights, o.lr_biases) == ("lars", 0.2, 0.0048)
+    assert (o.name, o.lr_weights, o.lr_biases) == ("lars", 0.0, 0.0)  # from the table:
+    resolved = defaults.resolve_pretrain_config(c).optim
+    assert (resolved.lr_weights, resolved.lr_biases) == (0.2, 0.0048)  # the paper's at 2048
     assert (o.weight_decay, o.momentum, o.eta) == (1.5e-6, 0.9, 1e-3)
     assert (o.warmup_epochs, o.end_factor, o.clip_lr) == (10, 0.001, False)
-    assert o.reference_world_size == 16  # the official README run's 16 GPUs
+    assert o.reference_world_size == 32  # the paper's 32 GPUs
+    assert (
+        defaults.load_config("configs/imagenet.py:paper").to_dict() == c.to_dict()
+    )  # the default, named
+    readme = defaults.load_config(
+        "configs/imagenet.py:readme"
+    ).optim  # the official README checkpoint's run
+    assert (readme.weight_decay, readme.reference_world_size) == (1e-6, 16)
     assert (c.train.global_batch, c.train.epochs) == (2048, 1000)
     # Data and augmentations (BYOL parameters)
     assert c.data.dataset == "imagenet2012"
@@ -53,6 +63,41 @@ def test_imagenet_recipe():
         assert view.solarize_prob == solarize
     # kNN monitor protocol
     assert (c.knn.k, c.knn.temperature) == (200, 0.1)
+
+
+# facebookresearch/barlowtwins issue #7 (300 epochs): batch -> March-2021 --learning-rate,
+# a single rate for every parameter with --scale-loss 0.024.
+AUTHORS_TABLE = {128: 0.7, 256: 0.4, 512: 0.3, 1024: 0.25, 2048: 0.2, 4096: 0.2}
+
+
+@pytest.mark.parametrize("batch", sorted(AUTHORS_TABLE))
+def test_imagenet_config_reads_the_authors_rate_for_its_batch(batch):
+    """Through the config as a run gets it (flags, then the job's resolution): today's two
+    rates are the March rate for the weights (LARS cancels the loss scale) and the March
+    rate x 0.024 for biases and BN (no trust ratio: the scale moves into the rate)."""
+    args = ["--config=configs/imagenet.py", f"--config.train.global_batch={batch}"]
+    config = defaults.resolve_pretrain_config(build_config(args))
+    lr = AUTHORS_TABLE[batch]
+    assert config.optim.lr_weights == lr
+    assert config.optim.lr_biases == pytest.approx(0.024 * lr, rel=1e-12)
+    recipe = defaults.batch_size_recipe(batch)
+    assert recipe["source"] == "measured" and recipe["top1"] is not None
+    assert recipe["equivalent_weight_decay"] == pytest.approx(1e-6 / 0.024)
+
+
+def test_the_table_between_and_beyond_its_batches_and_a_given_rate():
+    # 768 = 2^9.585: log-linear between 512 (0.3) and 1024 (0.25), by hand
+    between = defaults.batch_size_recipe(768)
+    assert between["lr_weights"] == pytest.approx(0.3 - 0.05 * (np.log2(768) - 9))
+    assert between["source"] == "interpolated" and between["top1"] is None
+    assert defaults.batch_size_recipe(8192)["lr_weights"] == 0.2  # 2048 and 4096 agree
+    assert defaults.batch_size_recipe(64)["lr_weights"] == 1.0  # the authors' suggestion
+    assert defaults.batch_size_recipe(64)["source"] == "extrapolated"
+    with pytest.raises(ValueError, match="table starts at 64"):
+        defaults.batch_size_recipe(32)
+    given = ["--config=configs/imagenet.py", "--config.optim.lr_weights=0.3"]
+    config = defaults.resolve_pretrain_config(build_config(given))
+    assert (config.optim.lr_weights, config.optim.lr_biases) == (0.3, pytest.approx(0.0072))
 
 
 def test_cifar10_recipe():

@@ -199,6 +199,29 @@ def test_sharded_equals_single_device(embeddings, single_device, float64, strate
     assert_close(value, grads, *float64)
 
 
+@pytest.mark.parametrize(
+    "strategy, mesh_shape",
+    [(s, (1,)) for s in ALL_STRATEGIES] + [(s, (8,)) for s in ALL_STRATEGIES] + [("gram", (2, 4))],
+)
+def test_every_strategy_gives_trace_c_and_the_health_statistics(embeddings, strategy, mesh_shape):
+    """trace(C), and from it and the redundancy the mean C_ii and RMS C_ij (i != j) the
+    train step logs, against the loss's own C in float64."""
+    from bt_jax.pretrain import health_metrics
+
+    if len(mesh_shape) == 2:
+        mesh, spec = _mesh_2d(mesh_shape), P("data", "model")
+    else:
+        mesh, spec = make_mesh(mesh_shape[0]), P("data", None)
+    terms_fn = jax.jit(lambda a, b: losses.barlow_twins_terms(a, b, mesh=mesh, strategy=strategy))
+    terms = terms_fn(*_put(embeddings, mesh, spec))
+    c = np.asarray(losses.cross_correlation(*embeddings), np.float64)
+    off = c[~np.eye(DIM, dtype=bool)]
+    assert float(terms.diagonal) == pytest.approx(np.trace(c), rel=1e-5)
+    health = health_metrics(terms, DIM)
+    assert float(health["c_diag_mean"]) == pytest.approx(np.mean(np.diag(c)), rel=1e-5)
+    assert float(health["c_offdiag_rms"]) == pytest.approx(np.sqrt(np.mean(off**2)), rel=1e-5)
+
+
 @pytest.mark.parametrize("shape", MESHES_2D)
 def test_gram_on_a_data_x_model_mesh(embeddings, single_device, float64, shape):
     # Each device holds z[its rows, its D/M columns]; gradients come back sharded the same way.

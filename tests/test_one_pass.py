@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bt_jax import distributed, losses, optim, pretrain
-from bt_jax.data import normalize
+from bt_jax.data import normalization, normalize
 from bt_jax.defaults import load_config, pretrain_config
 from bt_jax.models import BarlowTwins, build_model
 
@@ -77,8 +77,8 @@ def _grads(model, config, mesh, state, batch):
         variables = {"params": params, "batch_stats": state.batch_stats}
         (z1, z2), _ = model.apply(
             variables,
-            normalize(batch["view1"]),
-            normalize(batch["view2"]),
+            normalize(batch["view1"], normalization.of_config(config)),
+            normalize(batch["view2"], normalization.of_config(config)),
             mutable=["batch_stats"],
         )
         return losses.barlow_twins_loss(z1, z2, mesh=mesh, strategy=config.loss.strategy)
@@ -114,7 +114,7 @@ def test_running_statistics_follow_the_official_view_order(setup):
     size = config.augment.view1.image_size
     x = jnp.zeros((2, size, size, 3))
     variables = jax.jit(one_call.init)(jax.random.key(0), x, x)
-    v1, v2 = (normalize(batches[0][k]) for k in ("view1", "view2"))
+    v1, v2 = (normalize(batches[0][k], normalization.IMAGENET) for k in ("view1", "view2"))
 
     def stats(model, a, b):
         _, new = model.apply(variables, a, b, mutable=["batch_stats"])
@@ -126,3 +126,53 @@ def test_running_statistics_follow_the_official_view_order(setup):
     assert _relative_error(swapped, ours) > 1e-3
     two_call = stats(TwoCallTwins(one_call.backbone, one_call.projector), v1, v2)
     assert _relative_error(ours, two_call) <= 1e-6
+
+
+def test_online_probe_never_touches_the_backbone_and_sees_view_1(setup):
+    """3 steps on 8 devices with and without the probe: parameters, BN statistics and LARS
+    state bit-identical. The probe's first step is SGD on view 1's backbone features
+    (computed here by a separate call on view 1 alone, per-view BN statistics), by hand."""
+    config, model, _, tx, batches = setup
+    n, size = config.train.global_batch, config.augment.view1.image_size
+    labels = np.random.default_rng(1).integers(0, 10, (3, n)).astype(np.int32)
+    labelled = [{**b, "label": y} for b, y in zip(batches[:3], labels, strict=True)]
+    plan = {"warmup_steps": 0, "total_steps": 100}  # the probe's lr at step 0: its peak
+    probe = pretrain.online_probe(config, 10, plan)
+    mesh = distributed.make_mesh(8)
+    runs = {}
+    with jax.set_mesh(mesh):
+        for name, p in (("without", None), ("with", probe)):
+            init = functools.partial(pretrain.init_state, model, tx, config, size, p)
+            state = jax.jit(init, out_shardings=distributed.replicated(mesh))()
+            seen = [jax.device_get(state)]  # host copies: each state is donated to the next step
+            for batch in labelled:
+                state, metrics = pretrain.step_function(mesh)(
+                    state,
+                    distributed.host_to_global(batch, mesh),
+                    **pretrain.step_options(config, model, tx, mesh, p),
+                )
+                seen.append(jax.device_get(state))
+            runs[name] = (seen[0], seen[1], seen[-1], metrics)
+    plain, (initial, second, probed, metrics) = runs["without"][2], runs["with"]
+    for part in ("params", "batch_stats", "opt_state"):
+        same = jax.tree.map(np.array_equal, getattr(plain, part), getattr(probed, part))
+        assert all(jax.tree.leaves(same)), part
+    assert plain.probe_params is None and np.isfinite(float(metrics["online_linear_loss"]))
+
+    stats = normalization.of_config(config)
+    variables = {
+        "params": initial.params["backbone"],
+        "batch_stats": initial.batch_stats["backbone"],
+    }
+    h, _ = model.backbone.apply(
+        variables, normalize(labelled[0]["view1"], stats), train=True, mutable=["batch_stats"]
+    )
+    h = np.asarray(h, np.float64)
+    kernel, bias = (np.asarray(initial.probe_params[k], np.float64) for k in ("kernel", "bias"))
+    logits = h @ kernel + bias
+    softmax = np.exp(logits - logits.max(1, keepdims=True))
+    softmax /= softmax.sum(1, keepdims=True)
+    d_logits = (softmax - np.eye(10)[labels[0]]) / n  # mean cross-entropy
+    lr = config.train.online_probe_lr * n / 256
+    want = kernel - lr * h.T @ d_logits
+    np.testing.assert_allclose(second.probe_params["kernel"], want, rtol=1e-4, atol=1e-6)

@@ -267,3 +267,26 @@ def test_factory_rejects_unknown_optimizer_and_negative_world():
         optim.make_optimizer(
             _optim_config(reference_world_size=-2), global_batch=256, warmup_steps=1, total_steps=10
         )
+
+
+def test_lars_statistics_are_what_the_official_step_sees():
+    """Gradient norms per group and the mean trust ratio against numpy on fixed inputs, with
+    the gradient scaled by 1 / reference_world_size as the optimizer scales it."""
+    rng = np.random.default_rng(5)
+    shapes = {"conv": (3, 3, 2, 4), "dense": (5, 3), "bn_scale": (4,), "bias": (3,)}
+    params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    grads = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+    cfg = ml_collections.ConfigDict(dict(weight_decay=1e-2, eta=0.02, reference_world_size=4))
+    got = jax.jit(lambda g, p: optim.lars_statistics(g, p, cfg))(grads, params)
+    g = {k: v.astype(np.float64) / 4 for k, v in grads.items()}
+    weights, biases = ("conv", "dense"), ("bn_scale", "bias")
+
+    def norm(names):
+        return np.sqrt(sum(np.sum(g[k] ** 2) for k in names))
+
+    ratios = [
+        0.02 * np.linalg.norm(params[k]) / np.linalg.norm(g[k] + 1e-2 * params[k]) for k in weights
+    ]
+    assert float(got["grad_norm_weights"]) == pytest.approx(norm(weights), rel=1e-5)
+    assert float(got["grad_norm_biases"]) == pytest.approx(norm(biases), rel=1e-5)
+    assert float(got["trust_ratio_mean"]) == pytest.approx(np.mean(ratios), rel=1e-5)

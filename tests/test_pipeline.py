@@ -19,6 +19,7 @@ from PIL import Image
 from bt_jax import distributed
 from bt_jax.data import (
     EMBEDDED_DATA_DIR,
+    IMAGENET,
     cifar_views,
     data_config,
     eval_batches,
@@ -74,8 +75,10 @@ def test_embedded_dataset_is_the_default_for_the_mini_set():
     assert os.path.isfile(os.path.join(EMBEDDED_DATA_DIR, MINI, "1.0.0", "dataset_info.json"))
     batches = pretrain_batches(cfg, cifar_views(), global_batch=16, seed=0, process_count=1)
     batch = next(iter(batches))
-    assert set(batch) == {"view1", "view2"}
-    for view in batch.values():
+    assert set(batch) == {"view1", "view2", "label"}  # labelled: the online probe's
+    assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
+    assert batches.num_classes == 10
+    for view in (batch["view1"], batch["view2"]):
         assert view.shape == (16, 32, 32, 3) and view.dtype == np.uint8
     assert batches.steps_per_epoch == 5000 // 16
     assert not np.array_equal(batch["view1"], batch["view2"])  # the two views differ
@@ -355,7 +358,7 @@ def test_errors_name_what_exists(bad_dir):
 def test_normalize_and_global_arrays():
     images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    out = jax.jit(normalize)(images)
+    out = jax.jit(normalize, static_argnums=1)(images, IMAGENET)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, (images / 255.0 - mean) / std, rtol=1e-5, atol=1e-5)
 
@@ -397,14 +400,57 @@ def test_device_pixel_ops_batches():
     views = cifar_views(16, pixel_ops="device")
     batches = pretrain_batches(data_config(MINI), views, global_batch=8, seed=0, process_count=1)
     batch = next(iter(batches))
-    assert set(batch) == {"view1", "view2", "view1_ops", "view2_ops"}
+    assert set(batch) == {"view1", "view2", "view1_ops", "view2_ops", "label"}
     assert batch["view1_ops"].shape == (8, 13) and batch["view1_ops"].dtype == np.float32
     from bt_jax.data.device_ops import finish_views
 
     mesh = distributed.make_mesh()  # as in the train step: batch sharded on explicit axes
     with jax.set_mesh(mesh):
         sharded = distributed.host_to_global(batch, mesh)
-        view1, view2 = jax.jit(lambda b: finish_views(b, views))(sharded)
+        view1, view2 = jax.jit(lambda b: finish_views(b, views, IMAGENET))(sharded)
     assert view1.shape == (8, 16, 16, 3) and view1.dtype == np.float32
     assert view1.sharding.spec[0] == distributed.DATA_AXIS
     assert np.isfinite(np.asarray(view2)).all()
+
+
+def test_normalization_presets_follow_the_dataset_and_cifars_fit_its_pixels():
+    """auto: cifar* -> CIFAR-10's statistics, anything else ImageNet's; CIFAR-10's preset
+    against the mean / std of every pixel of the embedded training images (a JPEG copy:
+    its red and blue means sit 0.005-0.007 below the original PNG pixels' preset)."""
+    from bt_jax.data import normalization
+
+    for dataset, preset in [
+        ("cifar10", "cifar10"),
+        ("cifar100", "cifar10"),
+        (MINI, "cifar10"),
+        ("imagenet2012", "imagenet"),
+        ("imagenet2012_subset/1pct", "imagenet"),
+        ("my_images", "imagenet"),
+    ]:
+        assert normalization.resolve("auto", dataset) == preset
+        assert normalization.resolve("imagenet", dataset) == "imagenet"
+    with pytest.raises(ValueError, match="unknown normalization 'cifar'; choose one of auto"):
+        normalization.resolve("cifar", "cifar10")
+    old_run = {"model": {"arch": "resnet18"}, "data": {"dataset": "cifar10"}}
+    assert normalization.of_config(old_run) == normalization.IMAGENET  # before the field
+
+    ds = tfds.load(MINI, split="train", data_dir=EMBEDDED_DATA_DIR, batch_size=5000)
+    pixels = next(iter(tfds.as_numpy(ds)))["image"].reshape(-1, 3) / 255.0
+    cifar = normalization.PRESETS["cifar10"]
+    np.testing.assert_allclose(pixels.mean(0), cifar.mean, atol=0.008)
+    np.testing.assert_allclose(pixels.std(0), cifar.std, atol=0.002)
+    assert np.abs(pixels.std(0) - IMAGENET.std).min() > 0.015  # and not ImageNet's
+
+
+def test_pretraining_labels_are_the_records_own():
+    """The label travels with its image: by TFDS id, every label equals the dataset's."""
+    cfg = data_config(MINI, num_streams=2)
+    batches = pretrain_batches(
+        cfg, cifar_views(16), global_batch=64, seed=1, process_count=1, with_ids=True
+    )
+    truth = {
+        example["id"]: example["label"]
+        for example in tfds.as_numpy(tfds.load(MINI, split="train", data_dir=EMBEDDED_DATA_DIR))
+    }
+    for batch in _take(batches, 2):
+        assert [truth[i] for i in batch["id"]] == batch["label"].tolist()

@@ -64,8 +64,15 @@ def test_reference_run_reports_progress_and_metrics(reference):
         "images_per_s",
         "images_per_s_per_device",
         "step_time_s",
+        "c_diag_mean",
+        "c_offdiag_rms",
+        "grad_norm_weights",
+        "grad_norm_biases",
+        "trust_ratio_mean",
+        "online_linear_loss",  # the embedded set has labels: the probe is on ("auto")
     ):
         assert all(np.isfinite(r[key]) for r in rows), key
+    assert all(-1 <= r["c_diag_mean"] <= 1 and 0 <= r["c_offdiag_rms"] <= 1 for r in rows)
     first = rows[0]
     assert first["loss"] == pytest.approx(
         first["invariance"] + 0.0051 * first["redundancy"], rel=1e-5
@@ -77,7 +84,12 @@ def test_reference_run_reports_progress_and_metrics(reference):
     assert [r["step"] for r in knn_rows] == [STEPS]
     assert 0 <= knn_rows[0]["knn_top1"] <= knn_rows[0]["knn_top5"] <= 100
     assert knn_rows[0]["knn_num_queries"] == 1000  # the embedded test split, counted once
-    assert "kNN (k=200, backbone features, cifar10_jpeg_mini)" in result.stdout
+    assert 0 <= knn_rows[0]["online_linear_top1"] <= knn_rows[0]["online_linear_top5"] <= 100
+    assert 1 <= knn_rows[0]["rankme"] <= 16  # the smoke backbone's 16 features
+    knn_line = next(ln for ln in result.stdout.splitlines() if "kNN (k=200" in ln)
+    assert "kNN (k=200, backbone features, cifar10_jpeg_mini)" in knn_line
+    assert "| online linear probe top-1 " in knn_line and "| RankMe " in knn_line
+    assert "inputs normalised with cifar10 statistics" in result.stdout
     assert all(r["skipped_images"] == 0 for r in rows)  # the embedded set decodes cleanly
     assert "undecodable images skipped: 0 in steps 1-12" in result.stdout.splitlines()[-1]
     _, meta, step = final_params(workdir)
@@ -104,6 +116,10 @@ def test_two_processes_equal_one_process_and_agree_on_a_fallback(reference, tmp_
     ref, _, _ = final_params(workdir, step=6)
     assert step == 6
     assert max_abs_diff(ours, ref) <= 1e-5
+    probe_losses = [
+        [r["online_linear_loss"] for r in read_metrics(w)][:6] for w in (tmp_path, workdir)
+    ]
+    np.testing.assert_allclose(*probe_losses, rtol=1e-4)  # the probe trains alike on 2 hosts
 
     truncate_an_array_file(tmp_path / "checkpoints" / "6")
     result = run_multiprocess(tmp_path, *COMMON, "--config.train.stop_after_steps=9")

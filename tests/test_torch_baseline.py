@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bt_jax import distributed, export, optim, pretrain
-from bt_jax.data import normalize
+from bt_jax.data import normalization, normalize
 from bt_jax.defaults import load_config, pretrain_config
 from bt_jax.models import build_model
 
@@ -74,7 +74,11 @@ def test_torch_step_equals_bt_jax_step():
     head = {k.removeprefix("projector."): torch.tensor(v) for k, v in projector.items()}
     ref.model.projector.load_state_dict(head)
     ref.views = [  # the same normalised views, NCHW
-        torch.from_numpy(np.asarray(normalize(views[k])).transpose(0, 3, 1, 2).copy())
+        torch.from_numpy(
+            np.asarray(normalize(views[k], normalization.of_config(config)))
+            .transpose(0, 3, 1, 2)
+            .copy()
+        )
         for k in ("view1", "view2")
     ]
     ref_losses = [float(ref.step()) for _ in range(STEPS)]

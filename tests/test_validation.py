@@ -21,9 +21,12 @@ BAD = [
     ("train.epochs", 0, "config.train.epochs=0: must be > 0, e.g. 1000"),
     ("train.epochs", -3, "config.train.epochs=-3: must be > 0"),
     ("train.log_every_steps", 0, "config.train.log_every_steps=0: must be > 0"),
-    ("optim.lr_weights", float("nan"), "config.optim.lr_weights=nan: must be > 0, e.g. 0.2"),
-    ("optim.lr_biases", float("inf"), "config.optim.lr_biases=inf: must be > 0"),
-    ("optim.lr_weights", -0.1, "config.optim.lr_weights=-0.1: must be > 0"),
+    ("optim.lr_weights", float("nan"), "config.optim.lr_weights=nan: must be >= 0, e.g. 0.2"),
+    ("optim.lr_biases", float("inf"), "config.optim.lr_biases=inf: must be >= 0"),
+    ("optim.lr_weights", -0.1, "config.optim.lr_weights=-0.1: must be >= 0"),
+    ("optim.lr_weights", 0.0, "config.optim.lr_weights=0.0: 0.0 takes the authors' rate for"),
+    ("train.online_probe", "yes", "config.train.online_probe='yes': one of auto, on, off"),
+    ("model.normalization", "cifar", "config.model.normalization='cifar': one of auto"),
     ("optim.weight_decay", -1e-6, "config.optim.weight_decay=-1e-06: must be >= 0"),
     ("optim.weight_decay", float("nan"), "config.optim.weight_decay=nan: must be >= 0"),
     ("optim.momentum", 1.0, "config.optim.momentum=1.0: must be in [0, 1), e.g. 0.9"),
@@ -79,8 +82,8 @@ def test_every_bad_field_is_named_at_once():
     lines = str(raised.value).splitlines()
     assert [line.split("=")[0] for line in lines] == [
         "config.train.global_batch",
-        "config.optim.lr_weights",
         "config.train.keep_checkpoints",
+        "config.optim.lr_weights",
     ]
 
 

@@ -333,7 +333,7 @@ def test_transfer_job_runs_vissls_protocol_on_name_sorted_rows(tmp_path):
             config.data, split, global_batch=16, image_size=16, resize=18
         )
         with jax.set_mesh(mesh):
-            x, labels = features.extract(net.module, variables, batches, mesh)
+            x, labels = features.extract(net.encoder, variables, batches, mesh)
         order = np.argsort([name for name, *_ in written])
         by_name.append((x[order], labels[order]))
     want_costs, want_ap = _vissl_reference(*by_name, list(costs), 3, 2000, seed=0)

@@ -1,10 +1,10 @@
 """Input pipeline: TFDS records -> augmented uint8 views -> host-local batches.
 
-from bt_jax.data import data_config, imagenet_views, pretrain_batches, normalize
+from bt_jax.data import data_config, imagenet_views, pretrain_batches, normalize, IMAGENET
 batches = pretrain_batches(data_config("imagenet2012"), imagenet_views(),
                            global_batch=2048, seed=0)
 for batch in distributed.prefetch_to_mesh(batches, mesh):   # global jax.Arrays
-    z = model(normalize(batch["view1"]), ...)                 # inside the jitted step
+    z = model(normalize(batch["view1"], IMAGENET), ...)       # inside the jitted step
 
 Names are imported on first use (PEP 562), so the TensorFlow-free parts (configs,
 normalize and the on-device pixel ops) never import TensorFlow: the train step runs on
@@ -20,9 +20,9 @@ _HOMES = {
     "imagenet_views": "config",
     "linear_eval_view": "config",
     "view_config": "config",
-    "IMAGENET_MEAN": "device_ops",
-    "IMAGENET_STD": "device_ops",
-    "normalize": "device_ops",
+    "IMAGENET": "normalization",
+    "Normalization": "normalization",
+    "normalize": "normalization",
     "EvalBatches": "evaluation",
     "eval_batches": "evaluation",
     "PretrainBatches": "pipeline",

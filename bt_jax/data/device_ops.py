@@ -1,15 +1,15 @@
-"""On-device image maths (run inside the jitted step; no TensorFlow): normalisation, and the
-views' pixel operations for pixel_ops="device".
+"""On-device image maths (run inside the jitted step; no TensorFlow): the views' pixel
+operations for pixel_ops="device", and their normalisation.
 
-normalize: the pipeline ships uint8 images (4x fewer host-to-device bytes than float32) and
-the step turns them into ImageNet-standardised floats.
+The pipeline ships uint8 images (4x fewer host-to-device bytes than float32) and the step
+turns them into floats standardised with the run's statistics (normalization.py).
 
 With pixel_ops="device" the host pipeline only decodes, crops, resizes and flips (uint8), and
 ships each view's draws as float32[13] ("view1_ops", "view2_ops";
 augment.pack_device_params). Same maths as bt_jax/data/augment.py (torchvision semantics);
 tests/test_augment.py checks the two agree.
 
-    view1, view2 = finish_views(batch, config.augment)    # normalised float32, in the step
+    view1, view2 = finish_views(batch, config.augment, stats)   # normalised float32, in the step
 """
 
 from __future__ import annotations
@@ -18,18 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from bt_jax.data.config import blur_taps
+from bt_jax.data.normalization import Normalization, normalize
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _LUMA = jnp.array([0.299, 0.587, 0.114], jnp.float32)
 _HUE_OFFSETS = jnp.array([5.0, 3.0, 1.0], jnp.float32)  # HSV -> RGB: k = (n + 6h) mod 6
-
-
-def normalize(images, dtype=jnp.float32):
-    """uint8 [..., 3] in [0, 255] -> (x / 255 - mean) / std, as ToTensor + Normalize."""
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32) * 255.0
-    inv_std = 1.0 / (jnp.asarray(IMAGENET_STD, jnp.float32) * 255.0)
-    return ((images.astype(jnp.float32) - mean) * inv_std).astype(dtype)
 
 
 def _unpack(ops):
@@ -128,17 +120,18 @@ def apply_pixel_ops(images, ops, view):
     return x
 
 
-def finish_view(images, ops, view, dtype=jnp.float32):
+def finish_view(images, ops, view, stats: Normalization, dtype=jnp.float32):
     """A batch uint8 [B, H, W, 3] + float32 [B, 13] -> normalised [B, H, W, 3] for the model."""
     x = apply_pixel_ops(images, ops, view)
-    return normalize(jnp.round(x * 255.0), dtype)  # the host path's uint8 rounding
+    return normalize(jnp.round(x * 255.0), stats, dtype)  # the host path's uint8 rounding
 
 
-def finish_views(batch, views_cfg, dtype=jnp.float32):
-    """(view1, view2), normalised; the pixel_ops="device" replacement of normalize()."""
+def finish_views(batch, views_cfg, stats: Normalization, dtype=jnp.float32):
+    """(view1, view2), normalised with `stats`; with pixel_ops="device" the colour ops,
+    blur and solarize are applied first."""
     if views_cfg.get("pixel_ops", "host") != "device":
-        return normalize(batch["view1"], dtype), normalize(batch["view2"], dtype)
+        return tuple(normalize(batch[name], stats, dtype) for name in ("view1", "view2"))
     return tuple(
-        finish_view(batch[name], batch[f"{name}_ops"], views_cfg[name], dtype)
+        finish_view(batch[name], batch[f"{name}_ops"], views_cfg[name], stats, dtype)
         for name in ("view1", "view2")
     )

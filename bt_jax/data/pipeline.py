@@ -208,10 +208,13 @@ class SkipCounter:
 
 
 class PretrainBatches:
-    """Iterable of host-local {"view1", "view2"} uint8 batches, forever (see pretrain_batches).
+    """Iterable of host-local {"view1", "view2"[, "label"]} batches, forever (see
+    pretrain_batches).
 
     Attributes: steps_per_epoch, num_streams, local_streams (this process's), num_examples
-    (of the split), local_batch, start_step, num_skipped (undecodable images skipped so far),
+    (of the split), num_classes (of the dataset's ClassLabel "label", whose values then go
+    with the views; 0 for unlabelled data), local_batch, start_step, num_skipped
+    (undecodable images skipped so far),
     skipped_per_batch (a deque: for each batch yielded, in order, an int64[num_streams] of
     the undecodable images each stream dropped to fill it, zero for other processes'
     streams; a consumer that pops one per batch it uses counts exactly, however far ahead
@@ -239,6 +242,8 @@ class PretrainBatches:
         self.steps_per_epoch = streams.steps_per_epoch
         self.num_streams, self.local_streams = streams.num_streams, streams.mine
         self.num_examples, self.local_batch = streams.num_examples, local_batch
+        labelled = source.has_label(streams.builder)
+        self.num_classes = source.num_classes(streams.builder) if labelled else 0
         self._dataset = None
         self._skips = SkipCounter(streams.cfg.log_skipped_every, f"pretrain {streams.cfg.dataset}")
         self.skipped_per_batch = collections.deque(maxlen=1024)  # >> any prefetch depth
@@ -259,16 +264,17 @@ class PretrainBatches:
     @property
     def dataset(self) -> tf.data.Dataset:
         if self._dataset is None:
-            views_cfg = self._views_cfg
+            views_cfg, labelled = self._views_cfg, self.num_classes > 0
 
             def example_fn(record, key):
-                return augment.two_views(record["image"], key, views_cfg)
+                views = augment.two_views(record["image"], key, views_cfg)
+                return {**views, "label": record["label"]} if labelled else views
 
             self._dataset = self._streams.dataset(
                 example_fn,
                 seed=self._seed,
                 start_step=self.start_step,
-                with_label=False,
+                with_label=labelled,
                 with_ids=self._with_ids,
                 skipped_before=self._skipped_before,
             )
@@ -303,16 +309,18 @@ def pretrain_batches(
     """Two augmented views per image, host-local batches of global_batch / process_count.
 
     data_cfg: `config.data_config(...)`; views_cfg: `imagenet_views()` / `cifar_views()`.
-    Yields {"view1": uint8[B, H, W, 3], "view2": uint8[B, H, W, 3]} forever; the batch at step
-    k (counting from 0, over epochs of `.steps_per_epoch`) depends only on the dataset, seed,
-    num_streams and k. start_step resumes at step start_step exactly (with undecodable
-    images in the data, given skipped_before: per stream, the sums of the
+    Yields {"view1": uint8[B, H, W, 3], "view2": uint8[B, H, W, 3]} forever, and "label"
+    (int32[B], for the online linear probe) when the dataset has a ClassLabel "label"; the
+    batch at step k (counting from 0, over epochs of `.steps_per_epoch`) depends only on the
+    dataset, seed, num_streams and k (the label is read from the same record, so the views
+    are those of an unlabelled read). start_step resumes at step start_step exactly (with
+    undecodable images in the data, given skipped_before: per stream, the sums of the
     `.skipped_per_batch` of steps 1..start_step, as checkpoints record them). process_index /
     process_count default to jax's; pass them to simulate processes. with_ids adds the
     examples' TFDS "id" feature (bytes[B]), for debugging and tests. With
     views_cfg.pixel_ops == "device" the views are only cropped, resized and flipped, and
-    "view1_ops" / "view2_ops" (float32[B, 13]) go with them: finish them in the train step
-    with `bt_jax.data.device_ops.finish_views(batch, views_cfg)` instead of normalize().
+    "view1_ops" / "view2_ops" (float32[B, 13]) go with them: the train step finishes them
+    with `bt_jax.data.device_ops.finish_views(batch, views_cfg, stats)`.
     """
     index, count = resolve_processes(process_index, process_count)
     if global_batch % count:

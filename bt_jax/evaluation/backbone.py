@@ -15,7 +15,10 @@ Two sources, exactly one per evaluation config (bt_jax/defaults.py eval_config()
   refuses keys it does not use, so a file the inference misreads fails loudly instead of
   evaluating another network. BN running statistics come from the file.
 Either way the trained weights, or with random_init a fresh initialisation of the same
-architecture (the baseline). Results name the source (Backbone.info).
+architecture (the baseline), whose BN running statistics the job re-estimates on data
+(precise_bn_statistics). The input statistics go with the weights: a pretraining run's own
+(its checkpoint's config), ImageNet's for a file (the torchvision / timm convention), or
+the config's backbone_normalization preset. Results name the source (Backbone.info).
 """
 
 from __future__ import annotations
@@ -24,14 +27,19 @@ import dataclasses
 import hashlib
 import io
 import re
+from collections.abc import Iterable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import Mesh
 
-from bt_jax import checkpoint, defaults
+from bt_jax import checkpoint, defaults, distributed
+from bt_jax.data import normalization
+from bt_jax.evaluation.features import Encoder
 from bt_jax.models import ARCHS, ResNet, build_model, torchvision_layout
+from bt_jax.models.norm import BN_MOMENTUM
 
 SOURCES = ("pretrained_workdir", "pretrained_torchvision")
 # Where the backbone of a whole-model checkpoint lives (e.g. the official full
@@ -42,11 +50,18 @@ _WRAPPERS = ("state_dict", "model")
 @dataclasses.dataclass(frozen=True)
 class Backbone:
     """module: the ResNet (flax, hashable: a static jit argument); variables: {"params",
-    "batch_stats"} of the backbone only, numpy; info: where it came from, for results."""
+    "batch_stats"} of the backbone only, numpy; normalization: the input statistics it was
+    trained with; info: where it came from, for results."""
 
     module: ResNet
     variables: dict
+    normalization: normalization.Normalization
     info: dict
+
+    @property
+    def encoder(self) -> Encoder:
+        """The module with its input statistics: what the protocols run."""
+        return Encoder(self.module, self.normalization)
 
     @property
     def num_features(self) -> int:
@@ -132,6 +147,8 @@ def load_backbone(config: ml_collections.ConfigDict) -> Backbone:
     source = check_source(config)
     load = _from_workdir if source == "pretrained_workdir" else _from_torchvision
     module, variables, info = load(config)
+    if config.backbone_normalization:
+        info["normalization"] = normalization.resolve(config.backbone_normalization, "")
     if config.expected_arch and config.expected_arch != info["arch"]:
         raise ValueError(
             f"the backbone of {info.get('workdir') or info.get('file')} is a {info['model']}, "
@@ -143,7 +160,43 @@ def load_backbone(config: ml_collections.ConfigDict) -> Backbone:
         # Same architecture, none of the trained weights: the baseline of every protocol.
         variables = init_variables(module, config.seed)
         info["step"] = 0
-    return Backbone(module=module, variables=variables, info=info)
+    stats = normalization.PRESETS[info["normalization"]]
+    return Backbone(module=module, variables=variables, normalization=stats, info=info)
+
+
+def precise_bn_statistics(
+    encoder: Encoder, variables: dict, batches: Iterable, mesh: Mesh, *, num_batches: int
+) -> tuple[dict, int]:
+    """variables with every BN's running statistics replaced by the mean over the first
+    `num_batches` full batches (fewer if the data ends) of its train-mode batch statistics
+    ("precise BN"), and the number of batches used.
+
+    The network runs in train mode (each BN normalises by its batch's statistics, as in
+    training) on eval-preprocessed images. A BN updates ra = m ra + (1 - m) stat from
+    ra = 0, so stat = new ra / (1 - m): mean and biased variance exactly, per batch.
+    Batches with padding (mask False) end the estimate, on every process alike.
+    """
+    zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+
+    @jax.jit
+    def batch_statistics(params, images):
+        _, new = encoder.apply(
+            {"params": params, "batch_stats": zeros}, images, train=True, mutable=["batch_stats"]
+        )
+        return jax.tree.map(lambda s: s / (1.0 - BN_MOMENTUM), new["batch_stats"])
+
+    total, used = None, 0
+    for batch in batches:
+        if used == num_batches or distributed.any_process(not batch["mask"].all()):
+            break
+        images = distributed.host_to_global({"image": batch["image"]}, mesh)["image"]
+        stats = batch_statistics(variables["params"], images)
+        total = stats if total is None else jax.tree.map(jnp.add, total, stats)
+        used += 1
+    if not used:
+        raise ValueError("precise BN: the data yielded no full batch; lower its global_batch")
+    mean = jax.tree.map(lambda t: t / used, total)
+    return {**variables, "batch_stats": mean}, used
 
 
 def _from_workdir(config: ml_collections.ConfigDict):
@@ -180,6 +233,7 @@ def _from_workdir(config: ml_collections.ConfigDict):
         model=_describe_model(model_cfg),
         num_features=int(module.num_features),
         pretrain_dataset=saved_cfg.get("data", {}).get("dataset", ""),
+        normalization=normalization.preset_of(saved_cfg),  # what the run trained with
     )
     return module, restored, info
 
@@ -298,5 +352,6 @@ def _from_torchvision(config: ml_collections.ConfigDict):
         num_features=int(module.num_features),
         pretrain_dataset="",
         keys_left_out=len(left_out),
+        normalization="imagenet",  # torchvision's and timm's convention
     )
     return module, variables, info

@@ -33,8 +33,7 @@ import optax
 from jax.sharding import Mesh
 
 from bt_jax import distributed, reporting
-from bt_jax.data import normalize
-from bt_jax.evaluation.features import backbone_features
+from bt_jax.evaluation.features import Encoder, backbone_features
 
 
 @flax.struct.dataclass
@@ -114,14 +113,14 @@ def init_state(
     )
 
 
-def _features(backbone: nn.Module | None, params, batch_stats, inputs, train: bool):
+def _features(backbone: Encoder | None, params, batch_stats, inputs, train: bool):
     """(float32 features, updated batch_stats) of images, or the inputs if backbone is None."""
     if backbone is None:
         return inputs.astype(jnp.float32), batch_stats
     variables = {"params": params["backbone"], "batch_stats": batch_stats}
     if not train:
         return backbone_features(backbone, variables, inputs), batch_stats
-    out, new = backbone.apply(variables, normalize(inputs), train=True, mutable=["batch_stats"])
+    out, new = backbone.apply(variables, inputs, train=True, mutable=["batch_stats"])
     return out.astype(jnp.float32), new["batch_stats"]
 
 
@@ -138,7 +137,7 @@ def train_step(
     state: State,
     batch: dict,
     *,
-    backbone: nn.Module | None,
+    backbone: Encoder | None,
     num_classes: int,
     tx: optax.GradientTransformation,
     finetune: bool,
@@ -171,7 +170,7 @@ def train_step(
 
 
 @functools.partial(jax.jit, static_argnames=("backbone", "num_classes"))
-def eval_counts(params, batch_stats, batch: dict, *, backbone: nn.Module | None, num_classes: int):
+def eval_counts(params, batch_stats, batch: dict, *, backbone: Encoder | None, num_classes: int):
     """Top-1 / top-5 hits and per-class (correct, total) of a batch; padding excluded."""
     feats, _ = _features(backbone, params, batch_stats, batch["image"], False)
     logits = linear_head(num_classes).apply({"params": params["head"]}, feats)
@@ -189,7 +188,7 @@ def eval_counts(params, batch_stats, batch: dict, *, backbone: nn.Module | None,
 
 
 def evaluate(
-    state: State, batches: Iterable, mesh: Mesh, *, backbone: nn.Module | None, num_classes: int
+    state: State, batches: Iterable, mesh: Mesh, *, backbone: Encoder | None, num_classes: int
 ) -> dict:
     """Top-1, top-5 and mean per-class accuracy (percent) over every unpadded example."""
     counts = [
@@ -198,8 +197,14 @@ def evaluate(
         )
         for batch in distributed.prefetch_to_mesh(batches, mesh)
     ]
-    totals = jax.tree.map(lambda *x: np.sum(x, axis=0), *distributed.global_to_host(counts))
-    return accuracies(totals)
+    return accuracies_of(counts)
+
+
+def accuracies_of(counts: list) -> dict:
+    """accuracies() of a list of eval_counts results (global arrays), summed over batches."""
+    return accuracies(
+        jax.tree.map(lambda *x: np.sum(x, axis=0), *distributed.global_to_host(counts))
+    )
 
 
 def accuracies(totals: dict) -> dict:

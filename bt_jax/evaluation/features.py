@@ -1,6 +1,10 @@
 """Frozen backbone features: of a batch on the devices, of a whole split on every host.
 
-backbone_features is the inference-mode forward pass every frozen protocol uses (kNN too).
+Encoder is a backbone as every evaluation uses it: uint8 images in, features out, the
+images standardised with the statistics the backbone was trained with (its pretraining
+run's, whatever dataset it is shown; bt_jax/data/normalization.py). backbone_features is
+the inference-mode forward pass every frozen protocol uses (kNN too); rankme the effective
+rank of a feature matrix (Garrido et al., 2023).
 extract gives the features of a whole split, in the split's order, for the protocols that
 train on precomputed features (the fast linear check, transfer's regularised logistic
 regression and VOC07 SVMs); shuffled_batches / ordered_batches feed them back as batches,
@@ -15,6 +19,7 @@ Memory: N x F float32 on every host (ImageNet, ResNet-50: 10.5 GB).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable, Iterator
 
@@ -26,13 +31,48 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from bt_jax import distributed
-from bt_jax.data import normalize
+from bt_jax.data.normalization import Normalization, normalize
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """A backbone module and the input statistics it was trained with (hashable: a static
+    jit argument). apply takes uint8 images and normalises them first."""
+
+    module: nn.Module
+    normalization: Normalization
+
+    @property
+    def num_features(self) -> int:
+        return self.module.num_features
+
+    def apply(self, variables, images: jax.Array, *, train: bool = False, **kwargs):
+        return self.module.apply(
+            variables, normalize(images, self.normalization), train=train, **kwargs
+        )
 
 
 @functools.partial(jax.jit, static_argnames=("backbone",))
-def backbone_features(backbone: nn.Module, variables, images: jax.Array) -> jax.Array:
+def backbone_features(backbone: Encoder, variables, images: jax.Array) -> jax.Array:
     """Inference-mode pooled features (float32) of a global batch of uint8 images."""
-    return backbone.apply(variables, normalize(images), train=False).astype(jnp.float32)
+    return backbone.apply(variables, images).astype(jnp.float32)
+
+
+def rankme(singular_values, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al., 2023): exp of the entropy of p_k = sigma_k / ||sigma||_1 + eps.
+
+    Between 1 (one direction) and the feature count (a flat spectrum): the effective number
+    of dimensions the representation uses; collapse shows as a falling RankMe.
+    """
+    s = np.asarray(singular_values, np.float64)
+    p = s / np.sum(s) + eps
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def rankme_of_gram(gram) -> float:
+    """RankMe of a feature matrix X from its Gram X^T X ([F, F]): sigma = sqrt(eig)."""
+    eigenvalues = np.linalg.eigvalsh(np.asarray(gram, np.float64))
+    return rankme(np.sqrt(np.clip(eigenvalues, 0.0, None)))
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -42,7 +82,7 @@ def _local_rows(x: jax.Array) -> np.ndarray:
 
 
 def extract(
-    backbone: nn.Module, variables, batches: Iterable, mesh: Mesh, keys=("label",)
+    backbone: Encoder, variables, batches: Iterable, mesh: Mesh, keys=("label",)
 ) -> tuple[np.ndarray, ...]:
     """(features [N, F] float32, then batch[key] [N, ...] for each of keys) of every
     unpadded example, on every host: (features, labels) by default."""

@@ -19,8 +19,13 @@ import tensorflow as tf
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from bt_jax import checkpoint, distributed, reporting
-from bt_jax.evaluation.backbone import Backbone, check_source, load_backbone
+from bt_jax import checkpoint, data, distributed, reporting
+from bt_jax.evaluation.backbone import (
+    Backbone,
+    check_source,
+    load_backbone,
+    precise_bn_statistics,
+)
 
 RESULTS = "results.json"
 # results.json and the metrics (metrics.jsonl locally, metrics-NNNNN.jsonl segments on gs://)
@@ -122,8 +127,14 @@ def _format(value) -> str:
     return str(value)
 
 
-def start(config: ml_collections.ConfigDict, workdir: str, protocol: str) -> Job:
-    """Checks, then the backbone (fails fast on a bad checkpoint), mesh and writer."""
+def start(
+    config: ml_collections.ConfigDict, workdir: str, protocol: str, *, image_size: int
+) -> Job:
+    """Checks, then the backbone (fails fast on a bad checkpoint), mesh and writer.
+
+    image_size: the protocol's; a random_init backbone's BN statistics are re-estimated on
+    config.data's train split at that size (config.random_init_bn; 0 batches: kept).
+    """
     check_source(config)  # before anything is written
     workdir = prepare_workdir(workdir, config)
     backbone = load_backbone(config)
@@ -136,8 +147,31 @@ def start(config: ml_collections.ConfigDict, workdir: str, protocol: str) -> Job
         )
     progress.say(
         f"{jax.process_count()} process(es), {jax.device_count()} devices | backbone: "
-        f"{backbone.label} {backbone.info['model']} from {backbone.origin}"
+        f"{backbone.label} {backbone.info['model']} from {backbone.origin} | inputs "
+        f"normalised with {backbone.info['normalization']} statistics"
     )
     variables = replicate(backbone.variables, mesh)
+    if backbone.label == "random_init" and config.random_init_bn.batches:
+        variables = _precise_bn(config, backbone, variables, mesh, image_size, progress.say)
     writer = reporting.MetricWriter(workdir)
     return Job(config, workdir, protocol, mesh, backbone, variables, writer, progress)
+
+
+def _precise_bn(config, backbone: Backbone, variables, mesh, image_size, say) -> dict:
+    cfg = config.random_init_bn
+    distributed.check_global_batch(cfg.global_batch, mesh)
+    split = config.data.train_split
+    batches = data.eval_batches(
+        config.data, split, global_batch=cfg.global_batch, image_size=image_size
+    )
+    with jax.set_mesh(mesh):
+        variables, used = precise_bn_statistics(
+            backbone.encoder, variables, batches, mesh, num_batches=cfg.batches
+        )
+    backbone.info["bn_images"] = used * cfg.global_batch
+    backbone.info["bn_statistics"] = (
+        f"precise BN: mean of train-mode batch statistics over {used} batches of "
+        f"{cfg.global_batch} {config.data.dataset}[{split}] images at {image_size} px"
+    )
+    say(f"random_init: BN running statistics re-estimated ({backbone.info['bn_statistics']})")
+    return variables

@@ -1,10 +1,13 @@
 """Weighted kNN classification on frozen backbone features: the one implementation behind
 the pretraining monitor and the kNN job.
 
-Features: the backbone's pooled output in inference mode (running BN statistics),
-L2-normalised. A query's k nearest bank examples by cosine similarity vote for their class
-with weight exp(similarity / temperature); top-1 and top-5 of the vote. The protocol's
-numbers (k, temperature, splits) are config.knn's: bt_jax/defaults.py knn_config().
+Features: the backbone's pooled output in inference mode (running BN statistics) on
+images normalised with its training statistics (features.Encoder), L2-normalised. A
+query's k nearest bank examples by cosine similarity vote for their class with weight
+exp(similarity / temperature); top-1 and top-5 of the vote. The protocol's numbers (k,
+temperature, splits) are config.knn's: bt_jax/defaults.py knn_config(). Alongside: RankMe of
+the bank's raw features, from their [F, F] Gram summed batch by batch, and optionally a
+linear head's accuracy on the query features (the pretraining job's online probe).
 
 Scale: the bank stays on the devices, sharded by rows as it was computed (a stack of
 per-batch [B, F] arrays, P(None, "data")), so no host or device ever holds all of it. For
@@ -21,38 +24,54 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from bt_jax import data, distributed
-from bt_jax.evaluation.features import backbone_features
+from bt_jax.evaluation import classifier
+from bt_jax.evaluation.features import Encoder, backbone_features, rankme_of_gram
 
 AXIS = distributed.DATA_AXIS
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
-@functools.partial(jax.jit, static_argnames=("backbone",))
-def embed(backbone: nn.Module, variables, images: jax.Array) -> jax.Array:
-    """L2-normalised inference-mode features of a global batch of uint8 images."""
-    features = backbone_features(backbone, variables, images)
+@jax.jit
+def _l2_normalised(features: jax.Array) -> jax.Array:
     return features * jax.lax.rsqrt(jnp.sum(jnp.square(features), -1, keepdims=True) + 1e-12)
 
 
-def extract(backbone: nn.Module, variables, batches: Iterable, mesh: Mesh):
-    """Features, labels and masks of every batch, stacked: [num_batches, B, ...] on devices."""
-    feats, labels, masks = [], [], []
+def embed(backbone: Encoder, variables, images: jax.Array) -> jax.Array:
+    """L2-normalised inference-mode features of a global batch of uint8 images."""
+    return _l2_normalised(backbone_features(backbone, variables, images))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _gram(features: jax.Array, mask: jax.Array, *, mesh: Mesh) -> jax.Array:
+    """sum over unpadded rows of f f^T ([F, F], replicated): the bank's RankMe input."""
+    kept = features * mask[:, None].astype(features.dtype)
+    return jnp.einsum(
+        "nf,ng->fg", kept, kept, precision=_HIGHEST, out_sharding=NamedSharding(mesh, P())
+    )
+
+
+def extract(backbone: Encoder, variables, batches: Iterable, mesh: Mesh):
+    """Normalised features, labels and masks of every batch, stacked: [num_batches, B, ...]
+    on the devices; and the Gram of the raw (unnormalised) features of the unpadded rows."""
+    feats, labels, masks, gram = [], [], [], 0.0
     for batch in distributed.prefetch_to_mesh(batches, mesh):
-        feats.append(embed(backbone, variables, batch["image"]))
+        raw = backbone_features(backbone, variables, batch["image"])
+        feats.append(_l2_normalised(raw))
+        gram = gram + _gram(raw, batch["mask"], mesh=mesh)
         labels.append(batch["label"])
         masks.append(batch["mask"])
     if not feats:
         raise ValueError("the evaluation split yielded no batches")
     stack = jax.jit(lambda xs: jnp.stack(xs))
-    return stack(feats), stack(labels), stack(masks)
+    return (stack(feats), stack(labels), stack(masks)), gram
 
 
 def _vote_counts(
@@ -99,7 +118,7 @@ def _count_batch(
 
 
 def knn_accuracy(
-    backbone: nn.Module,
+    backbone: Encoder,
     variables,
     bank_batches: Iterable,
     query_batches: Iterable,
@@ -108,20 +127,25 @@ def knn_accuracy(
     k: int,
     temperature: float,
     num_classes: int,
+    probe=None,
 ) -> dict:
     """Top-1 / top-5 (percent) of the weighted kNN vote; counts every unpadded query once.
 
     bank_batches, query_batches: host-local {"image" uint8, "label", "mask"} batches (as
-    bt_jax.data.eval_batches yields); variables: the backbone's, on the devices.
+    bt_jax.data.eval_batches yields); variables: the backbone's, on the devices. Also
+    "rankme": RankMe of the bank's raw backbone features (computed from their [F, F] Gram,
+    so nothing more is kept than the bank itself). probe: parameters of a linear head
+    (classifier.linear_head) on the raw features, scored on the same query features:
+    "probe_top1" / "probe_top5".
     """
-    bank = extract(backbone, variables, bank_batches, mesh)
-    counts = []
+    bank, bank_gram = extract(backbone, variables, bank_batches, mesh)
+    counts, probe_counts = [], []
     for batch in distributed.prefetch_to_mesh(query_batches, mesh):
-        queries = embed(backbone, variables, batch["image"])
+        raw = backbone_features(backbone, variables, batch["image"])
         counts.append(
             _count_batch(
                 *bank,
-                queries,
+                _l2_normalised(raw),
                 batch["label"],
                 batch["mask"],
                 mesh=mesh,
@@ -130,10 +154,42 @@ def knn_accuracy(
                 num_classes=num_classes,
             )
         )
+        if probe is not None:
+            inputs = {"image": raw, "label": batch["label"], "mask": batch["mask"]}
+            probe_counts.append(
+                classifier.eval_counts(
+                    {"head": probe}, {}, inputs, backbone=None, num_classes=num_classes
+                )
+            )
     top1, top5, total = np.sum(distributed.global_to_host(counts), axis=0, dtype=np.int64)
     if total == 0:
         raise ValueError("the query split is empty")
-    return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total, "num_queries": int(total)}
+    result = {
+        "top1": 100.0 * top1 / total,
+        "top5": 100.0 * top5 / total,
+        "num_queries": int(total),
+        "rankme": rankme_of_gram(distributed.global_to_host(bank_gram)),
+    }
+    if probe is not None:
+        accuracy = classifier.accuracies_of(probe_counts)
+        result.update(probe_top1=accuracy["top1"], probe_top5=accuracy["top5"])
+    return result
+
+
+# knn_accuracy's keys -> the names results and metrics give them (job and monitor alike)
+_NAMES = {
+    "top1": "knn_top1",
+    "top5": "knn_top5",
+    "num_queries": "knn_num_queries",
+    "rankme": "rankme",
+    "probe_top1": "online_linear_top1",
+    "probe_top5": "online_linear_top5",
+}
+
+
+def named(result: dict) -> dict:
+    """knn_accuracy's result under the names jobs and the pretraining monitor report."""
+    return {_NAMES[k]: v for k, v in result.items()}
 
 
 def split_names(
@@ -155,7 +211,13 @@ def splits(knn_cfg: ml_collections.ConfigDict, data_cfg: ml_collections.ConfigDi
 
 
 def evaluate(
-    backbone: nn.Module, variables, bank, queries, knn_cfg: ml_collections.ConfigDict, mesh: Mesh
+    backbone: Encoder,
+    variables,
+    bank,
+    queries,
+    knn_cfg: ml_collections.ConfigDict,
+    mesh: Mesh,
+    probe=None,
 ) -> dict:
     """knn_accuracy with knn_cfg's k and temperature, on the batches `splits` opened."""
     return knn_accuracy(
@@ -167,4 +229,5 @@ def evaluate(
         k=knn_cfg.k,
         temperature=knn_cfg.temperature,
         num_classes=bank.num_classes,
+        probe=probe,
     )

@@ -73,7 +73,7 @@ def train_head(
                 f"the train data has {train.num_classes} classes but the eval data "
                 f"{val.num_classes}: they must share one label set"
             )
-        backbone, variables = job.backbone.module, job.variables
+        backbone, variables = job.backbone.encoder, job.variables
         steps, num_features = train.num_batches, backbone.num_features
         train_epoch = classifier.epochs_of(train, steps)
 
@@ -182,4 +182,4 @@ def frozen_features(job: Job, batches, keys=("label",)) -> tuple[np.ndarray, ...
     """(features, labels) of every example of `batches` through job's frozen backbone (and
     with more keys, those batch entries too: features.extract)."""
     with jax.set_mesh(job.mesh):
-        return features.extract(job.backbone.module, job.variables, batches, job.mesh, keys)
+        return features.extract(job.backbone.encoder, job.variables, batches, job.mesh, keys)
