@@ -8,6 +8,7 @@ not change what is computed (the cached executable is the one that would be comp
 
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -225,7 +226,11 @@ def test_sigkill_and_sigterm_then_resume_reach_the_same_parameters(reference, tm
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "preemption signal: checkpoint of step" in out
-    assert f"resuming at step {resumed_from}" in out or resumed_from == 0
+    # Checkpoints are written asynchronously: the newest one may not be committed when
+    # SIGKILL lands, and then the run resumes from the one before (never from a torn one).
+    resumed = re.search(r"resuming at step (\d+)", out)
+    resumed_at = int(resumed.group(1)) if resumed else 0
+    assert resumed_at in (resumed_from, max(resumed_from - 3, 0)), out
     _, _, preempted_at = final_params(tmp_path)
     assert preempted_at < STEPS
 
