@@ -163,3 +163,34 @@ def test_checkpoints_restore_onto_other_mesh_shapes(setup, tmp_path):
         assert jax.tree.map(lambda a: a.sharding, state) == shardings
         assert _max_abs_diff(jax.device_get(state), expected) == 0.0, shape
         step += 1
+
+
+def test_a_model_sharded_checkpoint_exports_as_its_host_copy(setup, tmp_path):
+    """The evaluation jobs and export read a checkpoint through restore_model_variables: a
+    state saved from the 4x2 mesh (projector columns on different devices) gives the host
+    arrays it was saved from, and its export, projector included, is byte-for-byte the
+    export of the same state saved as one host copy."""
+    from safetensors.numpy import load_file
+
+    from bt_jax import export
+
+    config = setup[0]
+    sharded = _train(setup, 8, model_axis=2, steps=1)
+    assert not sharded.params["projector"]["layers_0"]["kernel"].sharding.is_fully_replicated
+    host = jax.device_get(sharded)
+    exports = []
+    for name, state in [("sharded", sharded), ("host", host)]:
+        workdir = str(tmp_path / name)
+        ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+        ckpt.save(1, state, {"step": 1, "config": config.to_dict()}, wait=True)
+        ckpt.close()
+        variables, _, _ = checkpoint.restore_model_variables(workdir)
+        wanted = {"params": host.params, "batch_stats": host.batch_stats}
+        assert _max_abs_diff(variables, wanted) == 0.0
+        out = str(tmp_path / f"{name}_export")
+        export.export(workdir, "torchvision", out, include_projector=True)
+        exports.append(load_file(f"{out}/model.safetensors"))
+    assert sorted(exports[0]) == sorted(exports[1])
+    assert any(k.startswith("projector.") for k in exports[0])
+    for key, tensor in exports[0].items():
+        np.testing.assert_array_equal(tensor, exports[1][key], err_msg=key)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from bt_jax.models.norm import batch_norm
-from bt_jax.models.parallel import layer_input
+from bt_jax.models.parallel import column_sharded, layer_input
 from bt_jax.models.resnet import ResNet, resnet
 
 # torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -45,7 +45,7 @@ class Projector(nn.Module):
             x = nn.Dense(
                 size,
                 use_bias=False,
-                kernel_init=linear_init,
+                kernel_init=column_sharded(linear_init),
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
                 name=f"layers_{3 * i}",

@@ -36,6 +36,7 @@ carries P / M: both factors shrink with M.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -56,6 +57,20 @@ def layer_input(x: jax.Array) -> jax.Array:
     rows = tuple(a for a in (rows if isinstance(rows, tuple) else (rows,)) if a != MODEL_AXIS)
     spec = P(rows[0] if len(rows) == 1 else rows or None, None)
     return jax.sharding.reshard(x, NamedSharding(sharding.mesh, spec))
+
+
+def column_sharded(init):
+    """A kernel initializer whose [in, out] kernel is created column-sharded when traced
+    under a data x model mesh (jax.set_mesh), so that init never holds a whole kernel on a
+    device (its forward pass then computes on the shards too). The values do not depend on
+    the sharding: the random bits are those of the unsharded initializer."""
+
+    def init_kernel(key, shape, dtype=jnp.float32):
+        if has_model_axis(jax.sharding.get_abstract_mesh()):
+            return init(key, shape, dtype, out_sharding=P(None, MODEL_AXIS))
+        return init(key, shape, dtype)
+
+    return init_kernel
 
 
 def variable_spec(path, leaf, mesh) -> P:
