@@ -61,9 +61,11 @@ def layer_input(x: jax.Array) -> jax.Array:
 
 def column_sharded(init):
     """A kernel initializer whose [in, out] kernel is created column-sharded when traced
-    under a data x model mesh (jax.set_mesh), so that init never holds a whole kernel on a
-    device (its forward pass then computes on the shards too). The values do not depend on
-    the sharding: the random bits are those of the unsharded initializer."""
+    under a data x model mesh (jax.set_mesh), so that init's forward pass computes on the
+    shards. The values do not depend on the sharding: the random bits are those of the
+    unsharded initializer. With a threefry key each device draws only its columns; the RBG
+    key of pretrain.init_state is not partitioned by XLA, so every device draws each
+    kernel's whole bits (docs/benchmarks.md, Scaling: the init's temporaries)."""
 
     def init_kernel(key, shape, dtype=jnp.float32):
         if has_model_axis(jax.sharding.get_abstract_mesh()):
