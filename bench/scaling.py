@@ -4,19 +4,27 @@ Nothing runs: every figure comes from XLA's compiled programs on W CPU devices (
 which are exact and hardware-independent for FLOPs, bytes and collectives.
 
 1. The loss alone: value_and_grad of losses.barlow_twins_loss on [N, D] float32 embeddings
-   sharded along "data", for each strategy (gather, allreduce, jit) and the single-device
-   reference, for D in {2048, 8192, 16384, 32768} and N in {256, 2048, 8192}: per-device
+   sharded along "data", for each strategy (gram, gather, allreduce, jit) and the
+   single-device reference, for D in {2048, 8192, 16384, 32768} and N in {256, 2048, 8192},
+   and gram alone at the paper's N = 2048 with D = 65,536 (a C form's D x D would be 16 GiB
+   per device there): per-device
    FLOPs, compiled memory (arguments, temporaries, outputs) and the collectives in the
    optimised HLO (all-reduce, all-gather, all-to-all, reduce-scatter, collective-permute)
    with their bytes per device, next to the closed-form expectations.
-2. The whole train step (bt_jax.pretrain.train_step): ResNet-50 + projector D-D-D at 224 px,
-   bfloat16 compute as configs/imagenet.py, a small per-device batch, LARS state, on the
-   W-device mesh: per-device FLOPs, memory, collective bytes.
+2. The whole train step (bt_jax.pretrain.train_step): ResNet-50 + projector D-D-D and
+   8192-8192-D, D in {8192, 16384, 32768, 65536}, at 224 px, bfloat16 compute as
+   configs/imagenet.py, 4 images per device, LARS state, on a (W / M) x M data x model mesh,
+   M in {1, 2, 4, 8} (the projector's state sharded over M): per-device FLOPs, memory
+   (arguments = params + LARS momentum, temporaries), collective bytes, with the gram loss
+   and the gather C form (M = 1 only: a C form needs whole rows of z). The table lists
+   every step entry in --json compiled with the same backbone, so runs restricted to a few
+   points add up.
 3. A labelled estimate for a TPU v4-128 pod (64 chips) and 32 x A100 at the paper's batch
    2048, from the per-image FLOPs and bytes measured in 2 plus the loss's in 1.
 
-  python bench/scaling.py                  # everything (several ResNet-50 compiles)
-  python bench/scaling.py --quick          # D in {2048, 8192}, N = 2048, two step compiles
+  python bench/scaling.py                  # everything (35 ResNet-50 compiles)
+  python bench/scaling.py --quick          # D in {2048, 8192}, N = 2048, three step compiles
+  python bench/scaling.py --step_projectors 8192-8192-D --step_dims 65536 --models 8
 
 Results are cached in --json (default bench/results/scaling.json): an entry already there
 is reused unless --force.
@@ -38,8 +46,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 DIMS = (2048, 8192, 16384, 32768)
+STEP_DIMS = "8192,16384,32768,65536"
 BATCHES = (256, 2048, 8192)
-STRATEGIES = ("gather", "allreduce", "jit")
+STRATEGIES = ("gram", "gather", "allreduce", "jit")
+WIDE_LOSS = (2048, 65536)  # (N, D) of the gram-only loss point
 COLLECTIVES = ("all-reduce", "all-gather", "all-to-all", "reduce-scatter", "collective-permute")
 DEFAULT_JSON = os.path.join(common.RESULTS_DIR, "scaling.json")
 
@@ -74,8 +84,16 @@ def parse_args(argv=None):
     p.add_argument(
         "--device_counts", default="2,4", help="also the loss at N=2048, D=8192 on these W"
     )
-    p.add_argument("--step_dims", default=None, help="comma list of D for the whole step")
-    p.add_argument("--step_strategies", default="gather,allreduce", help="at D = 8192")
+    p.add_argument(
+        "--step_projectors",
+        default=None,
+        help="projector templates of the whole step, D = each of --step_dims (D-D-D,8192-8192-D)",
+    )
+    p.add_argument("--step_dims", default=None, help="D of the whole step (8192,...,65536)")
+    p.add_argument("--models", default=None, help="model-axis sizes M of the step (1,2,4,8)")
+    p.add_argument(
+        "--step_strategies", default="gram,gather", help="losses (C forms at M = 1 only)"
+    )
     p.add_argument("--per_device_batch", type=int, default=4, help="whole-step batch per device")
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--width", type=float, default=1.0, help="backbone width multiplier")
@@ -290,72 +308,54 @@ def loss_formulas(n: int, d: int, w: int) -> dict:
 # ---------------------------------------------------------------------- the whole step
 
 
-def step_entry(d: int, strategy: str, per_device_batch: int, args, mesh) -> dict:
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    from bt_jax import distributed, models, optim, pretrain
+def step_config(projector: str, strategy: str, per_device_batch: int, args, devices: int):
+    """configs/imagenet.py with the bench's backbone, projector, loss and batch."""
     from configs import imagenet
 
     config = imagenet.get_config()
     config.model.arch = args.arch
     config.model.width = args.width
     config.model.stage_sizes = tuple(int(k) for k in args.stage_sizes.split(",") if k)
-    config.model.projector = f"{d}-{d}-{d}"
+    config.model.projector = projector
     config.loss.strategy = strategy
-    w = mesh.devices.size
-    global_batch = per_device_batch * w
-    config.train.global_batch = global_batch
-    model = models.build_model(config.model)
-    tx, _ = optim.make_optimizer(
-        config.optim, global_batch=global_batch, warmup_steps=10, total_steps=1000
-    )
-    replicated = distributed.replicated(mesh)
-    init = functools.partial(pretrain.init_state, model, tx, config, args.image_size)
-    state = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-        jax.eval_shape(init),
-    )
-    image = jax.ShapeDtypeStruct(
-        (global_batch, args.image_size, args.image_size, 3),
-        jnp.uint8,
-        sharding=NamedSharding(mesh, P("data")),
-    )
+    config.train.global_batch = per_device_batch * devices
+    return config
+
+
+def compile_step(config, model, state, mesh, image_size: int) -> dict:
+    """The train step compiled for the abstract `state` on `mesh`, analysed: FLOPs, memory,
+    collectives, the weight-gradient all-reduce (counted on each kernel's shard shape)."""
+    import jax
+    import jax.numpy as jnp
+
+    from bt_jax import distributed, optim, pretrain
+
+    n = config.train.global_batch
+    rows = distributed.batch_sharded(mesh)
+    image = jax.ShapeDtypeStruct((n, image_size, image_size, 3), jnp.uint8, sharding=rows)
     batch = {"view1": image, "view2": image}
     if config.augment.get("pixel_ops", "host") == "device":
         # the host sends each view's random draws; the step finishes the views on the device
         # (float32[13] per view: bt_jax.data.augment.pack_device_params)
-        ops = jax.ShapeDtypeStruct(
-            (global_batch, 13), jnp.float32, sharding=NamedSharding(mesh, P("data"))
-        )
+        ops = jax.ShapeDtypeStruct((n, 13), jnp.float32, sharding=rows)
         batch.update(view1_ops=ops, view2_ops=ops)
-
-    def param_count(tree):
-        return int(sum(x.size for x in jax.tree.leaves(tree)))
-
+    tx, _ = optim.make_optimizer(config.optim, global_batch=n, warmup_steps=10, total_steps=1000)
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
         options = pretrain.step_options(config, model, tx, mesh)
         compiled = pretrain.train_step.lower(state, batch, **options).compile()
-    out = analyse(compiled, w, time.perf_counter() - t0)
-    weight_shapes = [x.shape for x in jax.tree.leaves(state.params)]
-    out["weight_gradient_allreduce"] = weight_gradient_allreduce(compiled.as_text(), weight_shapes)
+    out = analyse(compiled, mesh.devices.size, time.perf_counter() - t0)
+    shard_shapes = [x.sharding.shard_shape(x.shape) for x in jax.tree.leaves(state.params)]
+    out["weight_gradient_allreduce"] = weight_gradient_allreduce(compiled.as_text(), shard_shapes)
+    count = lambda tree: int(sum(x.size for x in jax.tree.leaves(tree)))  # noqa: E731
     out.update(
-        d=d,
-        strategy=strategy,
-        devices=w,
-        per_device_batch=per_device_batch,
-        global_batch=global_batch,
-        arch=args.arch,
-        image_size=args.image_size,
+        devices=mesh.devices.size,
+        mesh=dict(mesh.shape),
+        global_batch=n,
         dtype=config.model.dtype,
         pixel_ops=config.augment.get("pixel_ops", "host"),
-        params_backbone=param_count(state.params["backbone"]),
-        params_projector=param_count(state.params["projector"]),
+        params_backbone=count(state.params["backbone"]),
+        params_projector=count(state.params["projector"]),
         opt_state_bytes=int(
             sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state.opt_state))
         ),
@@ -363,10 +363,83 @@ def step_entry(d: int, strategy: str, per_device_batch: int, args, mesh) -> dict
     return out
 
 
+def step_entry(projector: str, strategy: str, model_axis: int, per_device_batch: int, args) -> dict:
+    """The whole train step with the library's layout: the projector's state sharded over a
+    model axis of model_axis (1 = replicated), and the compiled init that creates it."""
+    import jax
+
+    from bt_jax import distributed, models, optim, pretrain
+
+    config = step_config(projector, strategy, per_device_batch, args, args.devices)
+    mesh = distributed.make_mesh(args.devices, model=model_axis)
+    model = models.build_model(config.model)
+    tx, _ = optim.make_optimizer(
+        config.optim, global_batch=config.train.global_batch, warmup_steps=10, total_steps=1000
+    )
+    with jax.set_mesh(mesh):
+        init, state = pretrain.sharded_init(model, tx, config, args.image_size, mesh)
+        init_memory = init.lower().compile().memory_analysis()
+    out = compile_step(config, model, state, mesh, args.image_size)
+    out.update(
+        projector=projector,
+        d=models.parse_projector(projector)[-1],
+        strategy=strategy,
+        model=model_axis,
+        layout="columns",
+        per_device_batch=per_device_batch,
+        arch=args.arch,
+        image_size=args.image_size,
+        backbone_features=model.backbone.num_features,
+        init_memory={
+            "temporaries": int(init_memory.temp_size_in_bytes),
+            "outputs": int(init_memory.output_size_in_bytes),
+        },
+    )
+    return out
+
+
+def tensor_parallel_ring_bytes(widths, rows: int, model_axis: int, act_bytes: int = 2) -> float:
+    """Ring bytes per device of the column-sharded projector's activations: each layer's
+    input [rows, width] all-gathered over "model" forward and its gradient reduce-scattered
+    backward, (M - 1) / M of it each way, in the compute dtype (bf16)."""
+    if model_axis == 1:
+        return 0.0
+    return 2 * (model_axis - 1) / model_axis * rows * sum(widths) * act_bytes
+
+
+def step_formula(e: dict, n: int | None = None, chips: int | None = None) -> dict:
+    """Ring bytes and state bytes per device of entry e's layout at global batch n on
+    `chips` devices (default: as compiled), from closed forms: the gradient all-reduces
+    (backbone over every device, the projector's 1/M shards over the data axis), the
+    tensor-parallel activations and the loss (losses.strategy_cost)."""
+    from bt_jax import losses
+    from bt_jax.models import parse_projector
+
+    n = n or e["global_batch"]
+    k = chips or e["devices"]
+    m = e["model"]
+    wd = k // m
+    widths = parse_projector(e["projector"])
+    inputs = [e["backbone_features"], *widths[:-1]]
+    rows = 2 * n // wd  # both views of the data slice's examples
+    grads = 2 * (k - 1) / k * 4 * e["params_backbone"]
+    grads += 2 * (wd - 1) / wd * 4 * e["params_projector"] / m
+    loss = losses.strategy_cost(e["strategy"], n, widths[-1], wd, m).bytes
+    activations = tensor_parallel_ring_bytes(inputs, rows, m)
+    return {
+        "gradient_ring_bytes": grads,
+        "activation_ring_bytes": activations,
+        "loss_ring_bytes": loss,
+        "ring_bytes": grads + activations + loss,
+        # float32 params + LARS momentum + the gradient (a transient of the same size)
+        "state_bytes": 3 * 4 * (e["params_backbone"] + e["params_projector"] / m),
+    }
+
+
 # ----------------------------------------------------------------------------- reporting
 
 
-def _key(_, **kw) -> str:
+def _key(**kw) -> str:
     return json.dumps(kw, sort_keys=True)
 
 
@@ -441,114 +514,87 @@ def devices_table(entries: list[dict], loss_entries: list[dict]) -> str:
 
 def step_table(entries: list[dict]) -> str:
     rows = []
-    for e in sorted(entries, key=lambda e: (e["d"], e["strategy"])):
+    order = lambda e: (e["projector"].count("8192-8192-") == 0, e["d"], e["model"], e["strategy"])  # noqa: E731
+    for e in sorted(entries, key=order):
         m, c = e["memory"], e["collectives"]
-        g = e.get("weight_gradient_allreduce", {})
+        g = e["weight_gradient_allreduce"]
+        ring = lambda kind, c=c: _mib(c["ops"].get(kind, {}).get("ring_bytes", 0.0))  # noqa: E731
         rows.append(
             [
-                e["d"], e["strategy"], f"{e['per_device_batch']} x {e['devices']}",
+                e["projector"], e["strategy"], f"{e['mesh'].get('data', 1)} x {e['model']}",
                 (e["params_backbone"] + e["params_projector"]) / 1e6,
                 e["flops"] / 1e9 / e["per_device_batch"],
-                _mib(m["arguments"]), _mib(m["temporaries"]), _mib(m["outputs"]),
-                _mib(c["payload_bytes"]), _mib(c["ring_bytes"]),
-                _mib(g["payload_bytes"]) if g else "-",
-                _mib(g["float32_bytes_once"]) if g else "-",
-                g.get("reductions_per_weight", "-"),
+                _mib(m["arguments"]), _mib(m["temporaries"]),
+                (m["arguments"] + m["temporaries"]) / 2**30,
+                _mib(e["init_memory"]["temporaries"]),
+                _mib(c["ring_bytes"]), _mib(step_formula(e)["ring_bytes"]),
+                ring("all-reduce"), ring("all-gather"), ring("reduce-scatter"), ring("all-to-all"),
+                _mib(g["payload_bytes"]), g["reductions_per_weight"],
                 round(e["compile_seconds"]),
             ]
         )  # fmt: skip
     return common.table(
         rows,
         [
-            "D", "strategy", "batch/dev x dev", "params M", "GFLOP/pair",
-            "args MiB", "temp MiB", "out MiB", "coll. payload MiB", "ring MiB",
-            "weight-grad all-reduce MiB", "4 B x weights MiB", "reductions/weight", "compile s",
+            "projector", "loss", "mesh", "params M", "GFLOP/pair", "args MiB", "temp MiB",
+            "args+temp GiB", "init temp MiB", "ring MiB", "formula ring MiB", "all-reduce",
+            "all-gather", "reduce-scatter", "all-to-all", "weight-grad all-reduce MiB",
+            "reductions/weight", "compile s",
         ],
     )  # fmt: skip
 
 
-def projector_sharding(step_entries: list[dict], w: int) -> list[dict]:
-    """Estimate: what a model axis of size W would save by sharding the projector."""
-    out = []
-    for e in sorted(step_entries, key=lambda e: e["d"]):
-        if e["strategy"] != "gather":
-            continue
-        p = e["params_projector"]
-        # params f32 + LARS momentum f32 (+ the gradient, a transient of the same size)
-        replicated = 2 * 4 * p
-        out.append(
-            dict(
-                d=e["d"],
-                projector_params=p,
-                replicated_param_opt_bytes=replicated,
-                sharded_param_opt_bytes=replicated / w,
-                saved_bytes=replicated * (1 - 1 / w),
-                gradient_bytes_replicated=4 * p,
-                measured_arguments=e["memory"]["arguments"],
-            )
-        )
-    return out
+def pod_estimate(step_entries: list[dict], n: int = 2048) -> list[dict]:
+    """Labelled estimate at global batch n on the HARDWARE above, for every layout measured
+    at model = 1 and at the largest model axis.
 
-
-def pod_estimate(step_entries: list[dict], loss_entries: list[dict], n: int = 2048) -> list[dict]:
-    """Labelled estimate at global batch n on the HARDWARE above, D from the step entries.
-
-    Per-chip FLOPs = per-image-pair FLOPs of backbone + projector (from the whole step,
-    minus the loss measured alone at the same N and W) x per-chip batch + the gather loss's
-    single-device FLOPs at (N, D) / chips (it scales as 1/W: part 1).
-    Communication per chip, ring algorithms: the gradient all-reduce plus the gather loss's
-    2 (N + N/W) D x 4 bytes. "as compiled": the all-reduce payload measured in the step's
-    HLO (weight gradients plus BN statistics); "one reduction": 4 bytes x parameters, one
-    float32 reduction of every gradient and nothing else.
+    Per-chip FLOPs: the whole step's per-device FLOPs as compiled, minus its loss
+    (losses.strategy_cost at the compiled N), per image pair, x the per-chip batch, plus the
+    loss at (n, D) on the pod's data x model mesh (strategy_cost: it falls as 1/chips). The
+    LARS update is inside the per-pair term, spread over the compiled 4 pairs per device:
+    an overstatement at large D.
+    Communication per chip, ring algorithms: step_formula at (n, chips) (gradient
+    all-reduces, tensor-parallel activations, the loss), the closed form that matches the
+    compiled HLO's ring bytes in the step table.
     """
+    from bt_jax import losses
+
+    largest = max((e["model"] for e in step_entries), default=1)
     out = []
-    for e in sorted(step_entries, key=lambda e: e["d"]):
-        if e["strategy"] != "gather":
+    for e in sorted(step_entries, key=lambda e: (e["projector"], e["model"], e["strategy"])):
+        if e["model"] not in (1, largest):
             continue
-        w, b, d = e["devices"], e["per_device_batch"], e["d"]
-        same = [
-            x
-            for x in loss_entries
-            if (x["n"], x["d"], x["strategy"], x["devices"]) == (b * w, d, "gather", w)
-        ]
-        loss_small = same[0]["flops"] if same else 0.0
-        per_pair = (e["flops"] - loss_small) / b
-        single = [x for x in loss_entries if (x["n"], x["d"], x["strategy"]) == (n, d, "single")]
-        loss_total = single[0]["flops"] if single else loss_formulas(n, d, 1)["single_matmul_flops"]
-        params = e["params_backbone"] + e["params_projector"]
-        allreduce_payload = e["collectives"]["ops"].get("all-reduce", {}).get("payload_bytes", 0)
+        b, m, d = e["per_device_batch"], e["model"], e["d"]
+        wd_compiled = e["devices"] // m
+        compiled_loss = losses.strategy_cost(e["strategy"], b * e["devices"], d, wd_compiled, m)
+        per_pair = (e["flops"] - compiled_loss.flops) / b
         for name, hw in HARDWARE.items():
             chips = hw["chips"]
-            ring = 2 * (chips - 1) / chips
             per_chip_batch = n / chips
-            flops = per_pair * per_chip_batch + loss_total / chips
+            loss = losses.strategy_cost(e["strategy"], n, d, chips // m, m)
+            flops = per_pair * per_chip_batch + loss.flops
             compute_s = flops / (hw["peak_flops"] * ASSUMED_MFU)
-            loss_bytes = 2 * (n + n / chips) * d * 4 * (chips - 1) / chips
-            bandwidth = hw["allreduce_gbps"] * 1e9
-            comm_compiled_s = (ring * allreduce_payload + loss_bytes) / bandwidth
-            comm_one_s = (ring * 4 * params + loss_bytes) / bandwidth
-            # compute and communication assumed to overlap: the step takes the longer one
-            step_compiled_s = max(compute_s, comm_compiled_s)
-            step_one_s = max(compute_s, comm_one_s)
-            state_bytes = 3 * 4 * params  # f32 params + LARS momentum + gradients, replicated
+            formula = step_formula(e, n, chips)
+            comm_s = formula["ring_bytes"] / (hw["allreduce_gbps"] * 1e9)
+            step_s = max(compute_s, comm_s)  # compute and communication assumed to overlap
             out.append(
                 dict(
                     hardware=name,
-                    d=d,
+                    projector=e["projector"],
+                    strategy=e["strategy"],
+                    model=m,
                     global_batch=n,
                     per_chip_batch=per_chip_batch,
                     gflop_per_pair=per_pair / 1e9,
                     gflop_per_chip_step=flops / 1e9,
-                    loss_share=loss_total / chips / flops,
+                    loss_share=loss.flops / flops,
                     compute_ms=1e3 * compute_s,
-                    comm_ms_as_compiled=1e3 * comm_compiled_s,
-                    comm_ms_one_reduction=1e3 * comm_one_s,
-                    pairs_per_s_per_chip_as_compiled=per_chip_batch / step_compiled_s,
-                    pairs_per_s_per_chip_one_reduction=per_chip_batch / step_one_s,
-                    state_gib_replicated=state_bytes / 2**30,
-                    state_gib_projector_sharded=(
-                        3 * 4 * (e["params_backbone"] + e["params_projector"] / chips) / 2**30
-                    ),
+                    comm_ms=1e3 * comm_s,
+                    comm_gradients_ms=1e3
+                    * formula["gradient_ring_bytes"]
+                    / (hw["allreduce_gbps"] * 1e9),
+                    pairs_per_s_per_chip=per_chip_batch / step_s,
+                    state_gib=formula["state_bytes"] / 2**30,
                     hbm_gib=hw["hbm_gib"],
                     assumptions=(
                         f"{hw['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak x {ASSUMED_MFU:.0%} "
@@ -558,6 +604,42 @@ def pod_estimate(step_entries: list[dict], loss_entries: list[dict], n: int = 20
                 )
             )
     return out
+
+
+def pod_table(estimate: list[dict]) -> str:
+    return common.table(
+        [
+            [
+                x["hardware"], x["projector"], x["strategy"], x["model"], x["per_chip_batch"],
+                x["gflop_per_chip_step"], x["loss_share"], x["compute_ms"], x["comm_ms"],
+                x["comm_gradients_ms"], x["pairs_per_s_per_chip"], x["state_gib"],
+            ]
+            for x in estimate
+        ],
+        [
+            "hardware", "projector", "loss", "M", "batch/chip", "GFLOP/chip/step",
+            "loss share", "compute ms", "comm ms", "of which gradients ms", "pairs/s/chip",
+            "state GiB/chip",
+        ],
+    )  # fmt: skip
+
+
+def step_points(args) -> list[tuple[str, str, int]]:
+    """(projector, strategy, model axis) of every whole-step compile asked for: every
+    projector template at every D and model axis with gram, the C forms at model = 1."""
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    strategies = [s for s in args.step_strategies.split(",") if s]
+    points = []
+    for template in args.step_projectors.split(","):
+        for d in ints(args.step_dims):
+            projector = template.replace("D", str(d))
+            for model_axis in ints(args.models):
+                for strategy in strategies:
+                    if model_axis > 1 and strategy != "gram":
+                        continue  # the C forms need whole rows of z
+                    if (projector, strategy, model_axis) not in points:
+                        points.append((projector, strategy, model_axis))
+    return points
 
 
 def main(argv=None) -> dict:
@@ -572,11 +654,14 @@ def main(argv=None) -> dict:
     mesh = distributed.make_mesh(args.devices)
     w = args.devices
 
+    quick = dict(step_projectors="D-D-D", step_dims="8192", models="1,8")
+    full = dict(step_projectors="D-D-D,8192-8192-D", step_dims=STEP_DIMS, models="1,2,4,8")
+    for name, value in (quick if args.quick else full).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     ints = lambda s: [int(x) for x in s.split(",")] if s else None
     dims = ints(args.dims) or ([2048, 8192] if args.quick else list(DIMS))
     batches = ints(args.batches) or ([2048] if args.quick else list(BATCHES))
-    step_dims = ints(args.step_dims) or ([2048, 8192] if args.quick else list(DIMS))
-    step_strategies = [s for s in args.step_strategies.split(",") if s]
 
     cache = {}
     if os.path.exists(args.json) and not args.force:
@@ -610,13 +695,17 @@ def main(argv=None) -> dict:
 
     loss_entries = []
     pb = args.per_device_batch
-    loss_points = {(n, d) for n in batches for d in dims} | {(pb * w, d) for d in step_dims}
+    loss_points = {(n, d) for n in batches for d in dims}
+    if args.dims is None and not args.quick:
+        loss_points.add(WIDE_LOSS)
     for n, d in sorted(loss_points):
         for strategy in ("single", *STRATEGIES):
             if strategy == "single" and n * d * d > 2048 * 32768**2:
                 continue  # the one-device reference only where it compiles quickly
+            if (n, d) == WIDE_LOSS and strategy != "gram":
+                continue
             devs = 1 if strategy == "single" else w
-            key = _key(None, kind="loss", n=n, d=d, strategy=strategy, devices=devs)
+            key = _key(kind="loss", n=n, d=d, strategy=strategy, devices=devs)
             print(f"loss N={n} D={d} {strategy} ...", flush=True)
             entry = cached(key, functools.partial(loss_entry, n, d, strategy, mesh))
             loss_entries.append({**entry, "kind": "loss"})
@@ -627,24 +716,27 @@ def main(argv=None) -> dict:
     for k in sorted(set(counts) | {w}) if counts else []:
         sub_mesh = distributed.make_mesh(k)
         for strategy in ("gather", "allreduce"):
-            key = _key(None, kind="loss", n=2048, d=8192, strategy=strategy, devices=k)
+            key = _key(kind="loss", n=2048, d=8192, strategy=strategy, devices=k)
             print(f"loss N=2048 D=8192 {strategy} on {k} devices ...", flush=True)
             entry = cached(key, functools.partial(loss_entry, 2048, 8192, strategy, sub_mesh))
             device_entries.append({**entry, "kind": "loss"})
 
     step_entries = []
     if not args.no_step:
-        todo = [(d, "gather") for d in step_dims]
-        todo += [(8192, s) for s in step_strategies if s != "gather" and 8192 in step_dims]
-        for d, strategy in todo:
-            key = _key(
-                None, kind="step", arch=args.arch, d=d, strategy=strategy, devices=w,
-                per_device_batch=pb, image_size=args.image_size, width=args.width,
-                stage_sizes=args.stage_sizes,
-            )  # fmt: skip
-            print(f"train step {args.arch} D={d} {strategy} (compiling) ...", flush=True)
-            entry = cached(key, functools.partial(step_entry, d, strategy, pb, args, mesh))
-            step_entries.append({**entry, "kind": "step"})
+        backbone = dict(
+            kind="step", arch=args.arch, devices=w, per_device_batch=pb,
+            image_size=args.image_size, width=args.width, stage_sizes=args.stage_sizes,
+        )  # fmt: skip
+        for projector, strategy, model_axis in step_points(args):
+            key = _key(**backbone, projector=projector, strategy=strategy, model=model_axis)
+            print(f"train step {args.arch} {projector} {strategy} M={model_axis} ...", flush=True)
+            cached(key, functools.partial(step_entry, projector, strategy, model_axis, pb, args))
+        # every step compiled with this backbone, in this run or an earlier one
+        step_entries = [
+            {**e, "kind": "step"}
+            for key, e in cache.items()
+            if all(json.loads(key).get(k) == v for k, v in backbone.items())
+        ]
 
     print()
     print(f"## The loss alone (value_and_grad, float32), {w} CPU devices\n")
@@ -656,69 +748,15 @@ def main(argv=None) -> dict:
     if device_entries:
         print("\n## The loss at N = 2048, D = 8192 against the device count W\n")
         print(devices_table(device_entries, loss_entries))
-    sharding = projector_sharding(step_entries, w)
-    estimate = pod_estimate(step_entries, loss_entries)
+    estimate = pod_estimate(step_entries)
     if step_entries:
-        print(f"\n## The whole train step ({args.arch}, {args.image_size} px, bf16), {w} devices\n")
+        print(
+            f"\n## The whole train step ({args.arch}, {args.image_size} px, bf16), {pb} images "
+            f"per device x {w} devices, data x model mesh\n"
+        )
         print(step_table(step_entries))
-        print("\n## Projector sharded over a model axis of size W (estimate, not built)\n")
-        print(
-            common.table(
-                [
-                    [
-                        s["d"],
-                        s["projector_params"] / 1e6,
-                        _mib(s["replicated_param_opt_bytes"]),
-                        _mib(s["sharded_param_opt_bytes"]),
-                        _mib(s["saved_bytes"]),
-                    ]
-                    for s in sharding
-                ],
-                [
-                    "D",
-                    "projector params M",
-                    "params+momentum MiB/dev (replicated)",
-                    f"sharded /{w} MiB/dev",
-                    "saved MiB/dev",
-                ],
-            )  # fmt: skip
-        )
         print("\n## Estimate at global batch 2048 (labelled: assumptions in the JSON)\n")
-        print(
-            common.table(
-                [
-                    [
-                        x["hardware"],
-                        x["d"],
-                        x["per_chip_batch"],
-                        x["gflop_per_chip_step"],
-                        x["loss_share"],
-                        x["compute_ms"],
-                        x["comm_ms_as_compiled"],
-                        x["comm_ms_one_reduction"],
-                        x["pairs_per_s_per_chip_as_compiled"],
-                        x["pairs_per_s_per_chip_one_reduction"],
-                        x["state_gib_replicated"],
-                        x["state_gib_projector_sharded"],
-                    ]
-                    for x in estimate
-                ],
-                [
-                    "hardware",
-                    "D",
-                    "batch/chip",
-                    "GFLOP/chip/step",
-                    "loss share",
-                    "compute ms",
-                    "comm ms (as compiled)",
-                    "comm ms (1 reduction)",
-                    "pairs/s/chip (as compiled)",
-                    "pairs/s/chip (1 reduction)",
-                    "state GiB (replicated)",
-                    "state GiB (projector sharded)",
-                ],
-            )  # fmt: skip
-        )
+        print(pod_table(estimate))
 
     # The file keeps every entry compiled so far (a --quick run does not drop the others).
     everything = list(cache.values())
@@ -726,7 +764,6 @@ def main(argv=None) -> dict:
         devices=w,
         loss=[e for e in everything if '"kind": "loss"' in e["key"]],
         step=[e for e in everything if '"kind": "step"' in e["key"]],
-        projector_sharding_estimate=sharding,
         pod_estimate=estimate,
         pod_assumptions={"hardware": HARDWARE, "mfu": ASSUMED_MFU},
     )

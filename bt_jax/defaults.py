@@ -104,11 +104,14 @@ def pretrain_config() -> ml_collections.ConfigDict:
         dict(
             lambd=0.0051,
             scale=1.0,  # gradients come from scale * loss (solo-learn's CIFAR recipe: 0.1)
-            # gather: all-gather embeddings, each device computes a block of C's columns;
-            # allreduce: psum of partial D x D C (better when N > D / 2); jit: XLA decides.
-            strategy="gather",
+            # auto: the cheapest exact computation for N, D and the mesh (bt_jax/losses.py);
+            # gram (never forms C), gather, allreduce or jit (the C forms) by name.
+            strategy="auto",
         )
     )
+    # The device mesh: "model" devices shard the projector (bt_jax/models/parallel.py),
+    # the "data" axis gets devices / model; 1 = data-parallel only.
+    config.mesh = ml_collections.ConfigDict(dict(model=1))
     config.optim = ml_collections.ConfigDict(
         dict(
             name="lars",
@@ -237,6 +240,19 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
         )
     strategies = (*STRATEGIES, "auto")  # the computations, and auto, which picks one
     need(config.loss.strategy in strategies, "loss.strategy", f"one of {', '.join(strategies)}")
+    shards = config.mesh.model
+    need(
+        isinstance(shards, int) and shards >= 1,
+        "mesh.model",
+        "the devices that shard the projector: a divisor of the device count, e.g. 1 or 8",
+    )
+    if isinstance(shards, int) and shards > 1:
+        need(
+            config.loss.strategy in ("gram", "auto"),
+            "loss.strategy",
+            f"with mesh.model={shards} the features are sharded: 'gram' or 'auto' (the C "
+            "forms need whole rows of z)",
+        )
     need(model.arch in ARCHS, "model.arch", f"one of {', '.join(ARCHS)}")
     stages = tuple(model.stage_sizes)
     need(
@@ -245,9 +261,17 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> None:
         "() for the arch's own, or 1 to 4 positive block counts, e.g. (1, 1)",
     )
     try:
-        parse_projector(model.projector)
+        widths = parse_projector(model.projector)
     except ValueError:
         need(False, "model.projector", "layer widths joined by '-', e.g. '8192-8192-8192'")
+    else:
+        if isinstance(shards, int) and shards > 1 and any(w % shards for w in widths):
+            need(
+                False,
+                "model.projector",
+                f"every width must be divisible by mesh.model={shards}, which splits each "
+                f"layer's features, e.g. {'-'.join(str(-(-w // shards) * shards) for w in widths)}",
+            )
     need(
         model.dtype in _COMPUTE_DTYPES,
         "model.dtype",

@@ -1,10 +1,12 @@
 """Multi-process start-up, the device mesh, host-local <-> global arrays, and the lock that
 lets one run (all its processes) write a workdir.
 
-One idiom: a 1-D mesh with axis "data" over every device of every process; parameters are
-replicated (P()), batches are sharded along their first axis (P("data")). Each process
-feeds its own slice of the global batch; `host_to_global` stitches the slices into one
-jax.Array without any host-to-host copy.
+One idiom: a mesh over every device of every process, 1-D ("data") or, with a model axis of
+M > 1, 2-D ("data", "model") of shape (devices / M, M); batches are sharded along their first
+axis over every device (P("data"), or P(("data", "model"))), parameters replicated except
+the projector's, which the model shards over "model" (bt_jax/models/parallel.py). Each
+process feeds its own slice of the global batch; `host_to_global` stitches the slices into
+one jax.Array without any host-to-host copy.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-DATA_AXIS = "data"
+DATA_AXIS, MODEL_AXIS = "data", "model"
 
 # Environment variables that mean "this is one process of a multi-process job".
 _CLUSTER_ENV = ("SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
@@ -101,11 +103,14 @@ def _on_cloud_tpu_vm() -> bool:
     return False
 
 
-def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D "data" mesh over the first num_devices devices (all of them by default).
+def make_mesh(num_devices: int | None = None, model: int = 1) -> Mesh:
+    """The mesh over the first num_devices devices (all of them by default): ("data",), or
+    ("data", "model") of shape (num_devices / model, model) when model > 1.
 
     Explicit axis types (the JAX >= 0.9 default): shardings are part of array types and
-    contractions over the batch must name their output sharding.
+    contractions over the batch must name their output sharding. Devices are laid out in
+    order, so the model axis spans neighbouring devices (one host's, when model divides the
+    devices per process).
     """
     devices = jax.devices()
     if num_devices is not None:
@@ -114,8 +119,22 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
         if jax.process_count() > 1 and num_devices != len(devices):
             raise ValueError("a multi-process run must use every device of every process")
         devices = devices[:num_devices]
+    count = len(devices)
+    if model < 1 or count % model:
+        divisors = ", ".join(str(m) for m in range(1, count + 1) if count % m == 0)
+        raise ValueError(
+            f"config.mesh.model={model} must divide the {count} devices into a data x model "
+            f"mesh; use one of {divisors}"
+        )
+    if model == 1:
+        return jax.make_mesh(
+            (count,), (DATA_AXIS,), axis_types=(AxisType.Explicit,), devices=devices
+        )
     return jax.make_mesh(
-        (len(devices),), (DATA_AXIS,), axis_types=(AxisType.Explicit,), devices=devices
+        (count // model, model),
+        (DATA_AXIS, MODEL_AXIS),
+        axis_types=(AxisType.Explicit,) * 2,
+        devices=devices,
     )
 
 
@@ -123,8 +142,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def has_model_axis(mesh) -> bool:
+    return MODEL_AXIS in mesh.axis_names
+
+
+def batch_spec(mesh) -> P:
+    """A batch's rows over every device: P("data"), or P(("data", "model"))."""
+    return P((DATA_AXIS, MODEL_AXIS)) if has_model_axis(mesh) else P(DATA_AXIS)
+
+
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Rows over every device of the mesh."""
+    return NamedSharding(mesh, batch_spec(mesh))
 
 
 def check_global_batch(global_batch: int, mesh: Mesh) -> int:

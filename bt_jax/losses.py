@@ -307,13 +307,28 @@ def _check_strategy(strategy) -> None:
         )
 
 
-def _check_mesh(z1, mesh, strategy, axis, model_axis):
-    """The mesh's (data, model) sizes, after checking that the strategy can split z over it."""
+def resolve_strategy(
+    strategy: str,
+    n: int,
+    d: int,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    axis: str = DATA_AXIS,
+    model_axis: str = MODEL_AXIS,
+) -> str:
+    """The strategy that computes the loss of [N, D] embeddings on `mesh` ("auto" resolved),
+    after checking it can split them there: a ValueError naming the fix otherwise.
+
+    barlow_twins_terms calls it while tracing; the pretraining job calls it before it
+    compiles anything.
+    """
+    _check_strategy(strategy)
+    if mesh is None:
+        return choose_strategy(n, d) if strategy == "auto" else strategy
     if axis not in mesh.axis_names:
         raise ValueError(f"the mesh has no axis {axis!r}; its axes are {mesh.axis_names}")
     data = mesh.shape[axis]
     model = mesh.shape[model_axis] if model_axis in mesh.axis_names else 1
-    n, d = z1.shape
     if n % data:
         raise ValueError(
             f"the global batch N={n} does not divide over the {data} devices of mesh "
@@ -336,7 +351,7 @@ def _check_mesh(z1, mesh, strategy, axis, model_axis):
             f"of mesh axes {axis!r} x {model_axis!r}; use D divisible by {data * model}"
             + (" or strategy='allreduce'" if model == 1 else "")
         )
-    return data, model
+    return choose_strategy(n, d, data, model) if strategy == "auto" else strategy
 
 
 def barlow_twins_terms(
@@ -351,17 +366,12 @@ def barlow_twins_terms(
 ) -> LossTerms:
     """Loss, invariance and redundancy terms and trace(C); see LossTerms, barlow_twins_loss."""
     _check_pair(z1, z2)
-    _check_strategy(strategy)
     n, d = z1.shape
+    strategy = resolve_strategy(strategy, n, d, mesh, axis=axis, model_axis=model_axis)
     if mesh is None:
-        if strategy == "auto":
-            strategy = choose_strategy(n, d)
         if strategy == "gram":
             return _terms_gram(standardize(z1), standardize(z2), n_global=n, lambd=lambd)
         return _terms_c_single(z1, z2, lambd)
-    data, model = _check_mesh(z1, mesh, strategy, axis, model_axis)
-    if strategy == "auto":
-        strategy = choose_strategy(n, d, data, model)
     if strategy == "jit":
         return _terms_jit(z1, z2, lambd, mesh, axis)
     if strategy == "gram":

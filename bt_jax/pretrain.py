@@ -46,7 +46,7 @@ from bt_jax.data import normalization
 from bt_jax.data.device_ops import finish_views
 from bt_jax.evaluation import classifier, knn
 from bt_jax.evaluation.features import Encoder
-from bt_jax.models import ResNet, build_model
+from bt_jax.models import ResNet, build_model, parallel, parse_projector
 
 
 @flax.struct.dataclass
@@ -277,6 +277,32 @@ def init_state(model, tx, config, image_size: int, probe: OnlineProbe | None = N
     )
 
 
+def sharded_init(model, tx, config, image_size: int, mesh, probe: OnlineProbe | None = None):
+    """(init, abstract): init_state jitted to create each leaf with its sharding on `mesh`
+    (models/parallel.py: the projector's over "model", the rest replicated) and the abstract
+    state (shapes, dtypes, shardings) that restores and ahead-of-time compiles take."""
+    fresh = functools.partial(init_state, model, tx, config, image_size, probe)
+    shapes = jax.eval_shape(fresh)
+    shardings = parallel.state_shardings(shapes, mesh)
+    abstract = jax.tree.map(
+        lambda a, sharding: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+        shapes,
+        shardings,
+    )
+    return jax.jit(fresh, out_shardings=shardings), abstract
+
+
+def _replicated_on(state, mesh):
+    """The state's replicated leaves moved to `mesh` (the same devices), the model-sharded
+    ones (the projector's) left out as None: what the kNN monitor may read."""
+    if jax.tree.leaves(state)[0].sharding.mesh == mesh:
+        return state
+    sharding = distributed.replicated(mesh)
+    return jax.tree.map(
+        lambda x: jax.device_put(x, sharding) if x.sharding.is_fully_replicated else None, state
+    )
+
+
 class PreemptionWatch:
     """Turns SIGTERM into "checkpoint at a step every process agrees on, then exit 0".
 
@@ -341,8 +367,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train(config, workdir: str, watch: PreemptionWatch, say) -> dict:
-    mesh = distributed.make_mesh()
+    mesh = distributed.make_mesh(model=config.mesh.model)
     distributed.check_global_batch(config.train.global_batch, mesh)
+    losses.resolve_strategy(
+        config.loss.strategy,
+        config.train.global_batch,
+        parse_projector(config.model.projector)[-1],
+        mesh,
+    )
+    # The kNN monitor runs data-parallel over every device; it reads replicated leaves only.
+    knn_mesh = mesh if mesh.devices.ndim == 1 else distributed.make_mesh()
     # Opening the pipeline before any compile makes a missing dataset fail fast.
     batches = data.pretrain_batches(
         config.data, config.augment, global_batch=config.train.global_batch, seed=config.seed
@@ -357,7 +391,6 @@ def _train(config, workdir: str, watch: PreemptionWatch, say) -> dict:
         total_steps=plan["total_steps"],
     )
     image_size = config.augment.view1.image_size
-    replicated = distributed.replicated(mesh)
     ckpt = checkpoint.Checkpointer(
         workdir, keep=config.train.keep_checkpoints, async_save=config.train.async_checkpoints
     )
@@ -365,14 +398,7 @@ def _train(config, workdir: str, watch: PreemptionWatch, say) -> dict:
         checkpoint.check_resumable, config=config, streams=batches.num_streams
     )
     with jax.set_mesh(mesh):
-        init = jax.jit(
-            functools.partial(init_state, model, tx, config, image_size, probe),
-            out_shardings=replicated,
-        )
-        abstract = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-            jax.eval_shape(init),
-        )
+        init, abstract = sharded_init(model, tx, config, image_size, mesh, probe)
         try:
             restored = ckpt.restore_latest(abstract, check, say=say)
         except Exception:
@@ -473,7 +499,9 @@ def _train(config, workdir: str, watch: PreemptionWatch, say) -> dict:
                 progress.report(step, _progress_text(last))
                 pending, t_log, wait_time = [], time.perf_counter(), 0.0
             if knn_every and step % knn_every == 0 and step < plan["stop_step"]:
-                _knn_monitor(config, model, state, mesh, writer, progress, step)
+                _knn_monitor(
+                    config, model, _replicated_on(state, knn_mesh), knn_mesh, writer, progress, step
+                )
             if ckpt_due or preempted:
                 save(step, wait=preempted)
                 last_saved = step
@@ -488,7 +516,8 @@ def _train(config, workdir: str, watch: PreemptionWatch, say) -> dict:
         save(step)
     result = {"step": step, **last, "skipped_images": skipped}
     if config.knn.at_end:
-        result.update(_knn_monitor(config, model, state, mesh, writer, progress, step))
+        monitored = _replicated_on(state, knn_mesh)
+        result.update(_knn_monitor(config, model, monitored, knn_mesh, writer, progress, step))
     stop(f"done at step {step}; checkpoints in {ckpt.directory}")
     return result
 

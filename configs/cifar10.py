@@ -32,7 +32,6 @@ def get_config(variant: str = ""):
     config.model.projector = "2048-2048-2048"
 
     config.loss.scale = 0.1
-    config.loss.strategy = "allreduce"  # either moves little here (docs/benchmarks.md)
 
     config.optim.lr_weights = 0.3
     config.optim.lr_biases = 0.3

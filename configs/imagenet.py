@@ -32,6 +32,23 @@ Variants (the default is the paper's):
 
   python -m bt_jax.main --config=configs/imagenet.py:readme --workdir=gs://BUCKET/bt_r50 \
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+
+- `configs/imagenet.py:wide`: past the paper's widths (its Figure 4 stops at D = 16,384):
+  projector 8192-8192-65536 with its weights, BN and LARS momentum sharded over a model
+  axis of 8 (mesh.model = 8: bt_jax/models/parallel.py) and the exact Gram-form loss
+  ("auto" picks it, the one strategy for sharded features; bt_jax/losses.py). On a TPU
+  v4-128 (64 chips, an 8 x 8 data x model mesh, 32 images per chip) or 32 x A100 (4 x 8,
+  each model group one 8-GPU node, 64 images per GPU), the same command on every host:
+
+  python -m bt_jax.main --config=configs/imagenet.py:wide --workdir=gs://BUCKET/bt_r50_wide \
+      --config.data.data_dir=gs://BUCKET/tensorflow_datasets
+
+Per chip (compiled, not run: bench/scaling.py on 8 CPU devices as one 1 x 8 model group,
+2026-12-02; docs/benchmarks.md, Scaling): params + momentum 0.76 GiB, step temporaries
+8.5 GiB at 32 images (v4: 9.2 of its 32 GiB), ~16 GiB at 64 images extrapolated linearly
+(A100: ~17 of 40 GB). Replicated, this projector's params and momentum alone are 4.6 GiB.
+Expected: not yet measured at this width; the run tests whether Figure 4's gain with D
+continues past 16,384 (compare its linear top-1 with the default recipe's ~73 %).
 """
 
 from bt_jax.data.config import imagenet_views
@@ -39,7 +56,7 @@ from bt_jax.defaults import parse_variant, pretrain_config
 
 
 def get_config(variant: str = ""):
-    variant = parse_variant(variant, "imagenet", ("paper", "readme"))
+    variant = parse_variant(variant, "imagenet", ("paper", "readme", "wide"))
     config = pretrain_config()  # the recipe above, value by value
     config.optim.lr_weights = 0.0  # the authors' rate for train.global_batch
     config.optim.lr_biases = 0.0  # lr_weights x 0.024
@@ -51,4 +68,7 @@ def get_config(variant: str = ""):
     # accelerators (4x the host throughput per core; see docs/benchmarks.md).
     config.augment = imagenet_views(224, pixel_ops="device")
     config.knn.every_epochs = 50
+    if variant == "wide":
+        config.model.projector = "8192-8192-65536"
+        config.mesh.model = 8  # divides 64 and 32 chips; 65,536 splits over all of them
     return config

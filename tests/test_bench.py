@@ -93,19 +93,44 @@ def _toy_step_config():
     return config
 
 
-def test_scaling_step_reduces_each_weight_gradient_once(tmp_path):
+@pytest.fixture(scope="module")
+def toy_steps(tmp_path_factory):
+    """docs/benchmarks.md's whole-step command (--step_projectors 8192-8192-D --step_dims
+    65536 --models 8) at toy size, through the model axis: {(strategy, M): entry}."""
     result = scaling.main(
         [
-            "--devices=8", "--dims=64", "--batches=64", "--device_counts=", "--step_dims=64",
-            "--step_strategies=gather", "--arch=resnet18", "--width=0.125",
-            "--stage_sizes=1,1", "--image_size=16", "--per_device_batch=2",
-            f"--json={tmp_path / 'scaling.json'}",
+            "--quick", "--devices=8", "--dims=64", "--batches=64", "--device_counts=",
+            "--step_projectors=64-64-D", "--step_dims=64", "--models=1,2,8",
+            "--arch=resnet18", "--width=0.125", "--stage_sizes=1,1", "--image_size=16",
+            "--per_device_batch=2", f"--json={tmp_path_factory.mktemp('scaling') / 's.json'}",
         ]
     )  # fmt: skip
-    (step,) = result["step"]
-    grads = step["weight_gradient_allreduce"]
+    return {(e["strategy"], e["model"]): e for e in result["step"]}
+
+
+def test_scaling_step_reduces_each_weight_gradient_once(toy_steps):
+    assert sorted(toy_steps) == [("gather", 1), ("gram", 1), ("gram", 2), ("gram", 8)]
+    grads = toy_steps["gather", 1]["weight_gradient_allreduce"]
     assert grads["payload_bytes"] == 4 * _weight_elements(_toy_step_config())
     assert grads["reductions_per_weight"] == 1.0
+
+
+def test_scaling_step_arguments_shrink_with_the_model_axis(toy_steps):
+    """Per device, the compiled step's arguments lose (1 - 1/M) of the projector's float32
+    state (params, their LARS momentum, BN statistics), counted from the model's shapes;
+    the backbone's stays whole."""
+    config = _toy_step_config()
+    model = build_model(config.model)
+    x = jnp.zeros((2, 16, 16, 3))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, x))
+    count = lambda tree: sum(math.prod(a.shape) for a in jax.tree.leaves(tree))  # noqa: E731
+    projector_bytes = 4 * (
+        2 * count(variables["params"]["projector"]) + count(variables["batch_stats"]["projector"])
+    )
+    replicated = toy_steps["gram", 1]["memory"]["arguments"]
+    for m in (2, 8):
+        shrink = replicated - toy_steps["gram", m]["memory"]["arguments"]
+        assert shrink == projector_bytes * (1 - 1 / m), m
 
 
 def test_gradient_count_sees_the_two_call_model_reduce_twice():

@@ -100,6 +100,26 @@ def test_the_table_between_and_beyond_its_batches_and_a_given_rate():
     assert (config.optim.lr_weights, config.optim.lr_biases) == (0.3, pytest.approx(0.0072))
 
 
+def test_imagenet_wide_is_the_recipe_with_a_sharded_wider_projector():
+    """configs/imagenet.py:wide changes the projector and the model axis, nothing else, and
+    its layouts (v4-128: 8 x 8, 32 x A100: 4 x 8) split the batch, every width and D."""
+    from bt_jax.losses import choose_strategy
+    from bt_jax.models import parse_projector
+
+    base, wide = load_config("imagenet").to_dict(), defaults.load_config("configs/imagenet.py:wide")
+    assert (wide.model.projector, wide.mesh.model) == ("8192-8192-65536", 8)
+    changed = wide.to_dict()
+    changed["model"]["projector"], changed["mesh"]["model"] = "8192-8192-8192", 1
+    assert changed == base
+    defaults.validate_pretrain_config(wide)
+    widths = parse_projector(wide.model.projector)
+    for chips in (64, 32):
+        data = chips // wide.mesh.model
+        assert wide.train.global_batch % chips == 0
+        assert all(w % wide.mesh.model == 0 for w in widths) and widths[-1] % chips == 0
+        assert choose_strategy(wide.train.global_batch, widths[-1], data, 8) == "gram"
+
+
 def test_cifar10_recipe():
     c = load_config("cifar10")
     assert (c.model.arch, c.model.cifar_stem, c.model.projector) == (

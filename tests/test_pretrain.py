@@ -2,7 +2,11 @@
 
 All runs use configs/quickstart.py:smoke on the embedded dataset with the train split cut
 into 2 streams (data.num_streams=2), so 1 process and 2 processes read the same global
-batches. A persistent compilation cache shared by the runs keeps the suite fast; it does
+batches. The reference run, and the runs that must equal it bit for bit, shard the
+projector over a model axis of 2 (MODEL_2: a 4 x 2 mesh, the gram loss); the others run
+data-parallel, so checkpoints cross between the two layouts.
+
+A persistent compilation cache shared by the runs keeps the suite fast; it does
 not change what is computed (the cached executable is the one that would be compiled).
 """
 
@@ -40,14 +44,20 @@ COMMON = (
     "--config.train.checkpoint_every_steps=3",
     "--config.train.keep_checkpoints=20",
 )
+MODEL_2 = ("--config.mesh.model=2", "--config.loss.strategy=gram")
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted 12-step run on 1 process x 8 devices."""
+    """An uninterrupted 12-step run on 1 process x 8 devices, a 4 x 2 data x model mesh (the
+    kNN monitor at the end runs data-parallel over the 8 devices)."""
     workdir = tmp_path_factory.mktemp("reference")
     result = run_main(
-        workdir, *COMMON, f"--config.train.stop_after_steps={STEPS}", "--config.knn.at_end=True"
+        workdir,
+        *COMMON,
+        *MODEL_2,
+        f"--config.train.stop_after_steps={STEPS}",
+        "--config.knn.at_end=True",
     )
     return workdir, result
 
@@ -96,9 +106,12 @@ def test_reference_run_reports_progress_and_metrics(reference):
     _, meta, step = final_params(workdir)
     assert step == STEPS and meta["data"]["next_step"] == STEPS
     assert meta["config"]["model"]["projector"] == "64-64"
+    assert meta["config"]["mesh"]["model"] == 2
 
 
 def test_one_device_gives_the_eight_device_loss_curve(reference, tmp_path):
+    """1 device, data-parallel and the C-form loss (the smoke config's gather), against
+    8 devices with the projector sharded over 2 and the gram loss."""
     workdir, _ = reference
     run_main(tmp_path, *COMMON, "--config.train.stop_after_steps=5", devices=1)
     one = [r["loss"] for r in read_metrics(tmp_path)]
@@ -108,10 +121,12 @@ def test_one_device_gives_the_eight_device_loss_curve(reference, tmp_path):
 
 
 def test_two_processes_equal_one_process_and_agree_on_a_fallback(reference, tmp_path):
-    """2 processes x 4 devices compute the 1 x 8 run; after a damaged latest checkpoint both
-    resume from the previous one, and process 0 alone moves the damaged one aside, once."""
+    """2 processes x 4 devices with model = 2 compute the 1 x 8 run; after a damaged latest
+    checkpoint both resume from the previous one, and process 0 alone moves the damaged one
+    aside, once. The resumed run is data-parallel: the model = 2 checkpoint of step 3
+    restores onto the 8 x 1 mesh (and reaches the model = 2 reference)."""
     workdir, _ = reference
-    result = run_multiprocess(tmp_path, *COMMON, "--config.train.stop_after_steps=6")
+    result = run_multiprocess(tmp_path, *COMMON, *MODEL_2, "--config.train.stop_after_steps=6")
     assert "[p0]" in result.stdout and "2 process(es), 8 devices" in result.stdout
     ours, _, step = final_params(tmp_path)
     ref, _, _ = final_params(workdir, step=6)
@@ -141,7 +156,7 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one_bit_for_bit(r
     shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
     truncate_an_array_file(tmp_path / "checkpoints" / "12")
     shutil.rmtree(tmp_path / "checkpoints" / "9" / "meta")
-    result = run_main(tmp_path, *COMMON, f"--config.train.stop_after_steps={STEPS}")
+    result = run_main(tmp_path, *COMMON, *MODEL_2, f"--config.train.stop_after_steps={STEPS}")
     lines = result.stdout.splitlines()
     assert [ln.split(":")[0] for ln in lines if "cannot be read" in ln] == [
         "[pretrain] checkpoint 12 cannot be read",
@@ -208,9 +223,14 @@ def test_sigkill_and_sigterm_then_resume_reach_the_same_parameters(reference, tm
     """Killed (SIGKILL) at a random step, restarted, preempted (SIGTERM), restarted: the
     final parameters are bit-identical to the uninterrupted run's on CPU: the executable and
     the inputs are the same (the pipeline is a function of the step), and checkpoints hold
-    the exact float32 state."""
+    the exact float32 state. All three runs shard the projector over model = 2, as the
+    reference: the sharded arrays are saved and restored exactly."""
     workdir, _ = reference
-    slow = (f"--config.train.stop_after_steps={STEPS}", "--config.train.debug_step_delay_s=0.3")
+    slow = (
+        *MODEL_2,
+        f"--config.train.stop_after_steps={STEPS}",
+        "--config.train.debug_step_delay_s=0.3",
+    )
     kill_at = int(np.random.default_rng().integers(1, 6))
     proc = _start(tmp_path, *slow)
     _wait_for_step(proc, tmp_path, kill_at)
@@ -235,7 +255,7 @@ def test_sigkill_and_sigterm_then_resume_reach_the_same_parameters(reference, tm
     assert preempted_at < STEPS
 
     assert not (tmp_path / LOCK_NAME).exists()  # released on SIGTERM (and SIGKILL: stale)
-    run_main(tmp_path, *COMMON, f"--config.train.stop_after_steps={STEPS}")
+    run_main(tmp_path, *COMMON, *MODEL_2, f"--config.train.stop_after_steps={STEPS}")
     ours, _, step = final_params(tmp_path)
     assert step == STEPS
     steps_logged = [r["step"] for r in read_metrics(tmp_path)]
@@ -293,20 +313,66 @@ def _smoke_config(**train):
     return config
 
 
-@pytest.mark.parametrize(
-    "change,message",
-    [
-        (lambda c: c.train.update(global_batch=30), "not divisible by the 8 devices"),
-        (lambda c: c.data.update(dataset="no_such_dataset"), "no_such_dataset"),
-    ],
-)
-def test_bad_input_is_reported_before_compiling(tmp_path, change, message):
+def _model_axis(model, **fields):
+    def change(config):
+        config.mesh.model = model
+        config.loss.strategy = "auto"
+        config.update_from_flattened_dict(fields)
+
+    return change
+
+
+BAD_INPUT = {
+    "batch not divisible by the devices": (
+        lambda c: c.train.update(global_batch=30),
+        "the global batch size 30 is not divisible by the 8 devices",
+    ),
+    "batch not divisible by the data x model devices": (
+        _model_axis(2, **{"train.global_batch": 20}),
+        "the global batch size 20 is not divisible by the 8 devices",
+    ),
+    "model not dividing the devices": (
+        _model_axis(3, **{"model.projector": "66-66"}),
+        "config.mesh.model=3 must divide the 8 devices into a data x model mesh; use one of "
+        "1, 2, 4, 8",
+    ),
+    "model larger than the devices": (_model_axis(16), "config.mesh.model=16 must divide"),
+    "a width not divisible by model": (
+        _model_axis(8, **{"model.projector": "64-60"}),
+        "config.model.projector='64-60': every width must be divisible by mesh.model=8, "
+        "which splits each layer's features, e.g. 64-64",
+    ),
+    "D not divisible by every device (gram)": (
+        _model_axis(2, **{"model.projector": "64-36"}),
+        "no loss strategy splits D=36 features over the 4 x 2 devices of the data x model "
+        "mesh; use D divisible by 8",
+    ),
+    "a C form with a model axis": (
+        _model_axis(2, **{"loss.strategy": "gather"}),
+        "config.loss.strategy='gather': with mesh.model=2 the features are sharded",
+    ),
+    "no dataset": (lambda c: c.data.update(dataset="no_such_dataset"), "no_such_dataset"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_reported_before_compiling(tmp_path, case):
     from bt_jax import pretrain
 
+    change, message = BAD_INPUT[case]
     config = _smoke_config()
     change(config)
-    with pytest.raises(ValueError, match=message):
-        pretrain.train_and_evaluate(config, str(tmp_path))
+    compiles = []
+    listener = lambda event, *_, **__: compiles.append(event)  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with pytest.raises(ValueError) as raised:
+            pretrain.train_and_evaluate(config, str(tmp_path))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert message in str(raised.value)
+    assert len(str(raised.value).splitlines()) == 1
+    assert not [e for e in compiles if "compile" in e]
 
 
 def test_unwritable_workdir(tmp_path):

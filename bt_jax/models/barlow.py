@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from bt_jax.models.norm import batch_norm
+from bt_jax.models.parallel import column_sharded, layer_input
 from bt_jax.models.resnet import ResNet, resnet
 
 # torch.nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
@@ -30,7 +31,9 @@ class Projector(nn.Module):
     """Dense (no bias) -> BN -> ReLU, repeated, then a last Dense (no bias).
 
     Submodule names are torch nn.Sequential indices (`layers_0` = `projector.0`, `layers_1` =
-    `projector.1`, ...) so the official checkpoint's projector maps onto ours by name.
+    `projector.1`, ...) so the official checkpoint's projector maps onto ours by name. On a
+    ("data", "model") mesh every Dense is column-sharded over "model" and every BN local to
+    its features (models/parallel.py); elsewhere it is the plain computation.
     """
 
     sizes: tuple[int, ...]
@@ -42,11 +45,11 @@ class Projector(nn.Module):
             x = nn.Dense(
                 size,
                 use_bias=False,
-                kernel_init=linear_init,
+                kernel_init=column_sharded(linear_init),
                 dtype=self.dtype,
                 param_dtype=jnp.float32,
                 name=f"layers_{3 * i}",
-            )(x)
+            )(layer_input(x))
             if i < len(self.sizes) - 1:
                 x = nn.relu(batch_norm(train, self.dtype, f"layers_{3 * i + 1}")(x, views))
         return x
