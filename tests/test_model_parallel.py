@@ -194,3 +194,33 @@ def test_a_model_sharded_checkpoint_exports_as_its_host_copy(setup, tmp_path):
     assert any(k.startswith("projector.") for k in exports[0])
     for key, tensor in exports[0].items():
         np.testing.assert_array_equal(tensor, exports[1][key], err_msg=key)
+
+
+def test_projector_init_draws_only_its_columns():
+    """The projector's init compiled on a 1 x 8 mesh holds no whole kernel: the RBG key of
+    init_state is not partitioned by XLA (every device would draw each kernel's whole bits:
+    two 1024 x 1024 kernels, 8 MiB), the threefry key column_sharded derives from it is.
+    And the values are those of the unsharded init."""
+    import jax.numpy as jnp
+
+    from bt_jax.models import barlow, parallel
+
+    d = 1024
+    projector = barlow.Projector(sizes=(d, d, d))
+
+    def init():
+        key = jax.random.key(0, impl="rbg")
+        return projector.init(key, jnp.zeros((8, 64), jnp.float32), train=True)
+
+    mesh = distributed.make_mesh(8, model=8)
+    with jax.set_mesh(mesh):
+        shardings = parallel.state_shardings({"projector": jax.eval_shape(init)}, mesh)
+        sharded_init = jax.jit(init, out_shardings=shardings["projector"])
+        memory = sharded_init.lower().compile().memory_analysis()
+        sharded = jax.device_get(sharded_init())
+    whole_kernel = d * d * 4
+    assert memory.temp_size_in_bytes < whole_kernel, memory
+    assert memory.output_size_in_bytes < (64 * d + 2 * d * d) * 4 / 8 + 2**16  # its 1/8
+    with jax.set_mesh(distributed.make_mesh(1)):
+        unsharded = jax.device_get(jax.jit(init)())
+    assert all(jax.tree.leaves(jax.tree.map(np.array_equal, sharded, unsharded)))

@@ -62,12 +62,15 @@ def layer_input(x: jax.Array) -> jax.Array:
 def column_sharded(init):
     """A kernel initializer whose [in, out] kernel is created column-sharded when traced
     under a data x model mesh (jax.set_mesh), so that init's forward pass computes on the
-    shards. The values do not depend on the sharding: the random bits are those of the
-    unsharded initializer. With a threefry key each device draws only its columns; the RBG
-    key of pretrain.init_state is not partitioned by XLA, so every device draws each
-    kernel's whole bits (docs/benchmarks.md, Scaling: the init's temporaries)."""
+    shards. Its bits come from a threefry key derived from the given one: XLA partitions
+    threefry (each device draws only its columns) but not the RBG keys that
+    pretrain.init_state uses for the backbone, which would make every device draw each
+    whole kernel (8 GiB of temporaries at 32768-32768-32768). The values are a function of
+    the key alone, the same on every mesh."""
 
     def init_kernel(key, shape, dtype=jnp.float32):
+        bits = jax.random.bits(key, (2,), jnp.uint32)
+        key = jax.random.wrap_key_data(bits, impl="threefry2x32")
         if has_model_axis(jax.sharding.get_abstract_mesh()):
             return init(key, shape, dtype, out_sharding=P(None, MODEL_AXIS))
         return init(key, shape, dtype)
