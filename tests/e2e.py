@@ -93,3 +93,16 @@ def truncate_an_array_file(step_dir) -> None:
     biggest = max(arrays, key=os.path.getsize)
     with open(biggest, "r+b") as f:
         f.truncate(os.path.getsize(biggest) // 2)
+
+
+def two_view_batches(n: int, size: int, steps: int, seed: int) -> list[dict]:
+    """Random uint8 view pairs, view 2 brighter than view 1, so that a model mixing the two
+    views' BN statistics would show."""
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "view1": rng.integers(0, 128, (n, size, size, 3), dtype=np.uint8),
+            "view2": rng.integers(64, 256, (n, size, size, 3), dtype=np.uint8),
+        }
+        for _ in range(steps)
+    ]

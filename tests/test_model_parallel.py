@@ -10,6 +10,7 @@ in test_pretrain.py.
 import jax
 import numpy as np
 import pytest
+from e2e import two_view_batches
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -33,17 +34,10 @@ def setup():
     model = build_model(config.model)
     n, size = config.train.global_batch, config.augment.view1.image_size
     tx, _ = optim.make_optimizer(config.optim, global_batch=n, warmup_steps=1, total_steps=100)
-    # Seed 0 puts one projector pre-activation of step 2 within 1e-6 of ReLU's kink: a
-    # perturbation of 1e-6 in the 1-device run's own input flips it and moves the gradient
-    # by 2 %, as any float reordering may. Seed 1's batches keep clear of it.
-    rng = np.random.default_rng(1)
-    batches = [
-        {
-            "view1": rng.integers(0, 128, (n, size, size, 3), dtype=np.uint8),
-            "view2": rng.integers(64, 256, (n, size, size, 3), dtype=np.uint8),
-        }
-        for _ in range(STEPS)
-    ]
+    # Seed 1: seed 0's batches put one projector pre-activation of step 2 within 1e-6 of
+    # ReLU's kink (under the RBG-drawn projector init of 2026-12-01): a 1e-6 perturbation
+    # flipped it and moved the gradient by 2 %, as any float reordering may.
+    batches = two_view_batches(n, size, STEPS, seed=1)
     return config, model, tx, batches
 
 

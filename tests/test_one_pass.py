@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from e2e import two_view_batches
 
 from bt_jax import distributed, losses, optim, pretrain
 from bt_jax.data import normalization, normalize
@@ -39,15 +40,7 @@ def setup():
     two_calls = TwoCallTwins(backbone=one_call.backbone, projector=one_call.projector)
     n, size = config.train.global_batch, config.augment.view1.image_size
     tx, _ = optim.make_optimizer(config.optim, global_batch=n, warmup_steps=1, total_steps=100)
-    rng = np.random.default_rng(0)
-    batches = [
-        {
-            # different brightness per view, so that mixing the views' statistics would show
-            "view1": rng.integers(0, 128, (n, size, size, 3), dtype=np.uint8),
-            "view2": rng.integers(64, 256, (n, size, size, 3), dtype=np.uint8),
-        }
-        for _ in range(STEPS)
-    ]
+    batches = two_view_batches(n, size, STEPS, seed=0)
     return config, one_call, two_calls, tx, batches
 
 
