@@ -10,12 +10,12 @@ Command (from the repository root):
 
   python -m bt_jax.main --config=configs/quickstart.py --workdir=/tmp/bt_quickstart
 
-Expected (measured 2026-12-02, 2 shared CPU cores, 1 device): 312 steps in 4m32s; the loss
-falls from ~287 at step 20 to ~200; the last kNN line reports kNN top-1 28.6 % (top-5
-81.8 %), the online linear probe 29.5 % (chance 10 %) and RankMe 12.5 of 64 features. A
-randomly initialised backbone of the same architecture scores 27.7 % under the same kNN
-protocol with its BN statistics re-estimated on the training images (23.2 % with its
-initial ones; configs/knn.py). A toy budget: the gap is small (bench/quality_cifar10.py
+Expected (measured twice 2026-12-02, 2 shared CPU cores, 1 device): 312 steps in ~4.5 min;
+the loss falls from ~287 at step 20 to ~195-200; the last kNN line reports kNN top-1
+28.6-28.8 % (top-5 81.8-82.4 %), the online linear probe 29.3-29.5 % (chance 10 %) and
+RankMe 11.3-12.5 of 64 features. A randomly initialised backbone of the same
+architecture scores 27.7 % under the same kNN protocol with its BN statistics re-estimated
+on the training images (23.2 % with its initial ones; configs/knn.py). A toy budget: the gap is small (bench/quality_cifar10.py
 measures a real one). Rerunning the command on the finished workdir resumes, finds
 nothing left to train and stops.
 
