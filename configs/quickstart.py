@@ -15,9 +15,9 @@ the loss falls from ~287 at step 20 to ~195-200; the last kNN line reports kNN t
 28.6-28.8 % (top-5 81.8-82.4 %), the online linear probe 29.3-29.5 % (chance 10 %) and
 RankMe 11.3-12.5 of 64 features. A randomly initialised backbone of the same
 architecture scores 27.7 % under the same kNN protocol with its BN statistics re-estimated
-on the training images (23.2 % with its initial ones; configs/knn.py). A toy budget: the gap is small (bench/quality_cifar10.py
-measures a real one). Rerunning the command on the finished workdir resumes, finds
-nothing left to train and stops.
+on the training images (23.2 % with its initial ones; configs/knn.py). A toy budget: the
+gap is small (bench/quality_cifar10.py measures a real one). Rerunning the command on the
+finished workdir resumes, finds nothing left to train and stops.
 
 `--config=configs/quickstart.py:smoke` is a toy variant (two-stage 1/8-width ResNet, 16
 px) used by the tests for end-to-end, multi-process and resume checks in seconds.
