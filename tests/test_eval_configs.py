@@ -63,7 +63,7 @@ def test_knn_and_transfer_protocols():
 @pytest.mark.parametrize(
     "name, variants",
     [
-        ("imagenet", ()),
+        ("imagenet", ("paper", "readme", "wide")),
         ("cifar10", ()),
         ("quickstart", ("smoke",)),
         ("knn", ("quickstart", "smoke")),

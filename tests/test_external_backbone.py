@@ -240,6 +240,8 @@ def test_file_gives_the_numbers_of_its_workdir(exported, spec, tmp_path):
     ]):  # fmt: skip
         config = load_config(spec)
         config.update(source)
+        if i:  # a file does not know its inputs' statistics: the export's card names them
+            config.backbone_normalization = infos[0]["normalization"]
         if "linear" in spec:
             config.data.train_split = "train[:512]"
         results.append(main.run(config, str(tmp_path / str(i))))
