@@ -6,7 +6,8 @@ collects them by parsing those files and documents the placeholder substitutions
   checks, through main's own --dry_run (all of them, wherever they appear: inside gcloud's
   --command, after srun or an environment, in a launcher's printout);
 - pretraining commands whose data is here (the embedded set, or $BT_JAX_TFDS_DIR for the
-  offline copies) then run one real step;
+  offline copies) then run one real step (at a global batch of 16 where theirs is above 64:
+  the same model, data and code, at a step size a 2-core CPU runs in seconds);
 - other Python programs (bench/, bt_jax.export, launch/local_multiprocess.py, new tools):
   their own argparse parsing of the documented arguments;
 - launcher commands: the launcher runs with --dry-run and every bt_jax.main command it
@@ -183,6 +184,8 @@ def test_pretrain_command_runs_one_step(args, tmp_path):
         pytest.skip(missing)
     workdir = tmp_path / "run"
     one_step = [f"--workdir={workdir}", "--config.train.stop_after_steps=1"]
+    if config.train.global_batch > 64:  # the same model, data and code; a CPU-sized step
+        one_step.append("--config.train.global_batch=16")
     one_step += ["--config.knn.at_end=False", "--config.knn.every_epochs=0"]
     args = [a for a in args if not a.startswith("--workdir")] + one_step
     result = subprocess.run(
