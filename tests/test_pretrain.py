@@ -109,6 +109,20 @@ def test_reference_run_reports_progress_and_metrics(reference):
     assert meta["config"]["mesh"]["model"] == 2
 
 
+def test_knn_job_reads_the_model_sharded_run_and_equals_its_monitor(reference, tmp_path):
+    """The reference run's projector is sharded over model = 2; the kNN job
+    (configs/knn.py:smoke: the smoke pretraining config's kNN fields and data) restores its
+    last checkpoint and gives the numbers the run's own monitor logged at its end."""
+    from bt_jax import knn_eval
+
+    workdir, _ = reference
+    config = load_config("configs/knn.py:smoke")
+    config.pretrained_workdir = str(workdir)
+    job = knn_eval.run(config, str(tmp_path / "knn"))
+    (monitor,) = read_metrics(workdir, "knn")
+    assert (job["knn_top1"], job["knn_top5"]) == (monitor["knn_top1"], monitor["knn_top5"])
+
+
 def test_one_device_gives_the_eight_device_loss_curve(reference, tmp_path):
     """1 device, data-parallel and the C-form loss (the smoke config's gather), against
     8 devices with the projector sharded over 2 and the gram loss."""
