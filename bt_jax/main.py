@@ -12,10 +12,15 @@ import importlib
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from bt_jax import host_memory
 
-from bt_jax import defaults, distributed
+if __name__ == "__main__":  # python -m: re-exec before jax is imported (nothing runs twice)
+    host_memory.reexec_with_huge_pages()
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from bt_jax import defaults, distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/imagenet.py; override with --config.a.b=v."
@@ -128,6 +133,7 @@ def main(argv):
 
 def cli() -> None:
     """The `bt-jax` console script (setup.cfg): the same as `python -m bt_jax.main`."""
+    host_memory.reexec_with_huge_pages()  # CPU-only runs: 1.4x faster steps (its docstring)
     app.run(main, flags_parser=parse_flags)
 
 
