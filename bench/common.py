@@ -41,6 +41,16 @@ def set_devices(count: int) -> None:
             )
 
 
+def run_as_the_job(main) -> None:
+    """main() under the host set-up of `python -m bt_jax.main`, so that a benchmark measures
+    what the job runs: CPU-only runs re-execute once with huge pages for malloc
+    (bt_jax/host_memory.py; BT_JAX_HUGE_PAGES=0 measures without)."""
+    from bt_jax import host_memory
+
+    host_memory.reexec_with_huge_pages()
+    main()
+
+
 def command_line() -> str:
     """The command that ran this benchmark, as a copy-pastable string."""
     return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
@@ -88,12 +98,14 @@ def git_commit() -> str:
 
 
 def envelope(**fields) -> dict:
-    """The common header of every result file: date, command, machine, commit."""
+    """The common header of every result file: date, command, machine, commit, and the
+    malloc tunables the process ran with (bt_jax/host_memory.py: they change CPU steps)."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command_line(),
         "commit": git_commit(),
         "machine": machine(),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
         **fields,
     }
 

@@ -135,4 +135,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_as_the_job(main)

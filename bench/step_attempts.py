@@ -8,6 +8,8 @@ wall time), and the median over repeats of its speed relative to the current ste
 same repeat ("paired ratio").
 
   current        pretrain.step_function: the loop's step (XLA:CPU options on CPUs)
+  probe          the current step with the online linear probe (labelled data, as the
+                 quickstart and the CIFAR config train it: train.online_probe "auto")
   xla_defaults   the same step compiled with XLA's default options
   xnn_graph      current options + XNNPACK graph fusion (greedy)
   two_calls      the official arrangement: backbone + projector called once per view
@@ -37,7 +39,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import train_step as bench_step  # noqa: E402
 
-ATTEMPTS = ("current", "xla_defaults", "xnn_graph", "two_calls", "remat", "two_devices", "torch")
+ATTEMPTS = (
+    "current", "probe", "xla_defaults", "xnn_graph", "two_calls", "remat", "two_devices", "torch"
+)  # fmt: skip
 
 
 def parse_args(argv=None):
@@ -103,6 +107,7 @@ def main(argv=None) -> dict:
 
     import jax
     import jax.numpy as jnp
+    import numpy as np
     import optax
 
     from bt_jax import distributed, models, optim, pretrain
@@ -118,18 +123,23 @@ def main(argv=None) -> dict:
     model = models.build_model(config.model)
     tx, _ = optim.make_optimizer(config.optim, global_batch=n, warmup_steps=10, total_steps=10**6)
     host_batch = bench_step.synthetic_batch(config, n)
+    labels = np.random.default_rng(1).integers(0, 10, n).astype(np.int32)
+    plan = {"warmup_steps": 10, "total_steps": 10**6}
 
     def build(name):
         """(compiled step, its mesh, its state, its batch) for one variant."""
         mesh = distributed.make_mesh(2 if name == "two_devices" else 1)
         variant_model = _variant_models(model).get(name, model)
+        probe = pretrain.online_probe(config, 10, plan) if name == "probe" else None
         with jax.set_mesh(mesh):
             state = jax.jit(
-                functools.partial(pretrain.init_state, model, tx, config, size),
+                functools.partial(pretrain.init_state, model, tx, config, size, probe),
                 out_shardings=distributed.replicated(mesh),
             )()
-            batch = distributed.host_to_global(host_batch, mesh)
-            options = pretrain.step_options(config, variant_model, tx, mesh)
+            batch = distributed.host_to_global(
+                {**host_batch, "label": labels} if probe else host_batch, mesh
+            )
+            options = pretrain.step_options(config, variant_model, tx, mesh, probe)
             if name == "xla_defaults":
                 compiled = pretrain.train_step.lower(state, batch, **options).compile()
             else:
@@ -238,4 +248,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_as_the_job(main)

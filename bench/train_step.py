@@ -453,4 +453,4 @@ def baseline_description(baseline) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_as_the_job(main)

@@ -10,8 +10,8 @@ Command (from the repository root):
 
   python -m bt_jax.main --config=configs/quickstart.py --workdir=/tmp/bt_quickstart
 
-Expected (measured 2026-12-02, 2 CPU cores, 1 device): 312 steps, 152 s as a whole process
-on a quiet machine (~4.5 min shared);
+Expected (measured 2026-12-02, 2 CPU cores, 1 device): 312 steps, 95-112 s as a whole
+process (three runs on a shared 2-core VM; docs/benchmarks.md, Train step);
 the loss falls from ~287 at step 20 to ~195-200; the last kNN line reports kNN top-1
 28.6-28.8 % (top-5 81.8-82.4 %), the online linear probe 29.3-29.5 % (chance 10 %) and
 RankMe 11.3-12.5 of 64 features. A randomly initialised backbone of the same
