@@ -44,10 +44,10 @@ def set_devices(count: int) -> None:
 def run_as_the_job(main) -> None:
     """main() under the host set-up of `python -m bt_jax.main`, so that a benchmark measures
     what the job runs: CPU-only runs re-execute once with huge pages for malloc
-    (bt_jax/host_memory.py; BT_JAX_HUGE_PAGES=0 measures without)."""
-    from bt_jax import host_memory
+    (bt_jax.main.reexec_with_huge_pages; BT_JAX_HUGE_PAGES=0 measures without)."""
+    from bt_jax import main as entry
 
-    host_memory.reexec_with_huge_pages()
+    entry.reexec_with_huge_pages()
     main()
 
 
@@ -99,7 +99,8 @@ def git_commit() -> str:
 
 def envelope(**fields) -> dict:
     """The common header of every result file: date, command, machine, commit, and the
-    malloc tunables the process ran with (bt_jax/host_memory.py: they change CPU steps)."""
+    malloc tunables the process ran with (they change CPU steps: bt_jax.main's
+    reexec_with_huge_pages)."""
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": command_line(),

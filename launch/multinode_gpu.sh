@@ -190,21 +190,33 @@ if ((${#env_words[@]})); then
 fi
 echo "[multinode_gpu] node $node_rank/$num_nodes: $(qjoin "${cmd[@]}")" >&2
 
-# The process ignores SIGHUP: a hang-up reaches the whole process group, and only this
-# script should act on it (by asking for a checkpoint). SIGINT is ignored by background
-# processes of scripts anyway.
-trap '' HUP
-"${cmd[@]}" &
-child=$!
+# The traps are set before bt_jax starts, so a signal that comes while it starts is
+# forwarded as soon as its PID is known, never lost. bt_jax ignores SIGHUP and SIGINT (set
+# in its subshell; an ignored signal survives exec): a hang-up or Ctrl-C reaches the whole
+# process group, and only this script should act on it (by asking for a checkpoint).
+child=""
+pending=""
 # Invoked by the traps below (SC2329 in shellcheck >= 0.10, SC2317 before).
 # shellcheck disable=SC2317,SC2329
 forward() {
+  if [[ -z $child ]]; then
+    pending=$1
+    return
+  fi
   echo "[multinode_gpu] $1 received: SIGTERM to bt_jax (pid $child), which checkpoints and exits" >&2
   kill -TERM "$child" 2>/dev/null || true
 }
 trap 'forward SIGTERM' TERM
 trap 'forward SIGINT' INT
 trap 'forward SIGHUP' HUP
+(
+  trap '' HUP INT
+  exec "${cmd[@]}"
+) &
+child=$!
+if [[ -n $pending ]]; then
+  forward "$pending"
+fi
 
 rc=0
 wait_for "$child" || rc=$?

@@ -1,4 +1,4 @@
-"""bt_jax/host_memory.py: huge pages for malloc on CPU-only runs, by one re-exec at start-up.
+"""bt_jax.main.reexec_with_huge_pages: huge pages for malloc on CPU-only runs, one re-exec.
 
 The page-fault test measures the mechanism with the kernel's own counter (ru_minflt) on this
 machine: a worker thread mallocs, touches and frees 300 MB five times, as XLA:CPU does with a
@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from bt_jax import host_memory
+from bt_jax import main as entry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,37 +37,41 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _env(**changes):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.SWITCH)}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", entry.HUGE_PAGES_SWITCH)
+    }
     env.update(changes)
     return env
 
 
 def test_wanted_follows_switch_platform_and_an_existing_tunable(monkeypatch):
-    monkeypatch.setattr(host_memory, "_glibc_supports_hugetlb", lambda: True)
-    monkeypatch.setattr(host_memory, "_thp_mode", lambda: "madvise")
-    assert host_memory.wanted({"JAX_PLATFORMS": "cpu"})
-    assert not host_memory.wanted({"JAX_PLATFORMS": "cuda"})  # accelerator hosts: defaults
-    assert not host_memory.wanted({"JAX_PLATFORMS": "cpu", "BT_JAX_HUGE_PAGES": "0"})
-    assert host_memory.wanted({"JAX_PLATFORMS": "cuda", "BT_JAX_HUGE_PAGES": "1"})
+    monkeypatch.setattr(entry, "_glibc_supports_hugetlb", lambda: True)
+    monkeypatch.setattr(entry, "_thp_mode", lambda: "madvise")
+    assert entry.huge_pages_wanted({"JAX_PLATFORMS": "cpu"})
+    assert not entry.huge_pages_wanted({"JAX_PLATFORMS": "cuda"})  # accelerator hosts: defaults
+    assert not entry.huge_pages_wanted({"JAX_PLATFORMS": "cpu", "BT_JAX_HUGE_PAGES": "0"})
+    assert entry.huge_pages_wanted({"JAX_PLATFORMS": "cuda", "BT_JAX_HUGE_PAGES": "1"})
     # already set (by the re-exec itself, or by the user): never again, so no exec loop
-    assert not host_memory.wanted({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": host_memory.TUNABLE})
-    assert not host_memory.wanted(
+    assert not entry.huge_pages_wanted(
+        {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": entry.HUGE_PAGES_TUNABLE}
+    )
+    assert not entry.huge_pages_wanted(
         {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
     )
-    monkeypatch.setattr(host_memory, "_thp_mode", lambda: "always")  # nothing to ask for
-    assert not host_memory.wanted({"JAX_PLATFORMS": "cpu"})
-    monkeypatch.setattr(host_memory, "_glibc_supports_hugetlb", lambda: False)  # musl, macOS
-    assert not host_memory.wanted({"JAX_PLATFORMS": "cpu", "BT_JAX_HUGE_PAGES": "1"})
+    monkeypatch.setattr(entry, "_thp_mode", lambda: "always")  # nothing to ask for
+    assert not entry.huge_pages_wanted({"JAX_PLATFORMS": "cpu"})
+    monkeypatch.setattr(entry, "_glibc_supports_hugetlb", lambda: False)  # musl, macOS
+    assert not entry.huge_pages_wanted({"JAX_PLATFORMS": "cpu", "BT_JAX_HUGE_PAGES": "1"})
 
 
 def test_an_existing_tunable_list_is_extended_not_replaced():
-    env = host_memory.environment_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+    env = entry.environment_with_huge_pages({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    assert host_memory.environment_with_huge_pages({})["GLIBC_TUNABLES"] == host_memory.TUNABLE
+    assert entry.environment_with_huge_pages({})["GLIBC_TUNABLES"] == entry.HUGE_PAGES_TUNABLE
 
 
 @pytest.mark.skipif(
-    not host_memory.wanted(_env(JAX_PLATFORMS="cpu")),
+    not entry.huge_pages_wanted(_env(JAX_PLATFORMS="cpu")),
     reason="needs Linux with glibc >= 2.35 and the kernel's THP mode 'madvise'",
 )
 def test_the_tunable_cuts_page_faults_of_freed_and_reallocated_memory():
@@ -78,7 +82,7 @@ def test_the_tunable_cuts_page_faults_of_freed_and_reallocated_memory():
         return int(out.stdout)
 
     default = faults(_env())
-    huge = faults(host_memory.environment_with_huge_pages(_env()))
+    huge = faults(entry.environment_with_huge_pages(_env()))
     # 5 x 300 MB in 4 KiB pages is 384,000 faults; in 2 MiB pages 750 (plus a few small ones)
     assert default > 5 * 300 * 256 * 0.9
     assert huge < default / 20
@@ -86,8 +90,8 @@ def test_the_tunable_cuts_page_faults_of_freed_and_reallocated_memory():
 
 PROBE = (
     "import os, sys\n"
-    "from bt_jax import host_memory\n"
-    "host_memory.reexec_with_huge_pages()\n"
+    "from bt_jax import main\n"
+    "main.reexec_with_huge_pages()\n"
     "print(os.environ.get('GLIBC_TUNABLES', ''), sys.argv[1:], sep='|')\n"
 )
 
@@ -101,13 +105,15 @@ def test_the_reexec_sets_the_tunable_and_keeps_the_command(form, switch, tmp_pat
         "script": [str(tmp_path / "probe_reexec.py")],
         "-c": ["-c", PROBE],
     }[form]
-    env = _env(JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}:{tmp_path}", **{host_memory.SWITCH: switch})
+    env = _env(
+        JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}:{tmp_path}", **{entry.HUGE_PAGES_SWITCH: switch}
+    )
     out = subprocess.run(
         [sys.executable, *program, "--a=1", "b"], env=env, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
     tunables, argv = out.stdout.strip().split("|")
-    expect = host_memory.TUNABLE if switch != "0" and host_memory.wanted(env) else ""
+    expect = entry.HUGE_PAGES_TUNABLE if switch != "0" and entry.huge_pages_wanted(env) else ""
     assert tunables == expect
     assert argv == "['--a=1', 'b']"
 
@@ -117,11 +123,11 @@ def test_no_reexec_when_sys_argv_was_rewritten_for_an_in_process_run(monkeypatch
     re-executing sys.orig_argv would then start the host again, not the program."""
     monkeypatch.setattr(sys, "orig_argv", ["python", "bench/train_step.py", "--synthetic"])
     monkeypatch.setattr(sys, "argv", ["bench/train_step.py", "--synthetic"])
-    assert host_memory.started_as_this_program()
+    assert entry.started_as_this_program()
     monkeypatch.setattr(sys, "orig_argv", ["python", "-u", "tests/commands.py"])
-    assert not host_memory.started_as_this_program()
+    assert not entry.started_as_this_program()
     monkeypatch.setattr(sys, "argv", ["bench/train_step.py"])  # no arguments to compare
-    assert not host_memory.started_as_this_program()
-    monkeypatch.setattr(host_memory, "wanted", lambda: True)
+    assert not entry.started_as_this_program()
+    monkeypatch.setattr(entry, "huge_pages_wanted", lambda: True)
     monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("re-executed the host process"))
-    host_memory.reexec_with_huge_pages()  # returns: nothing to re-execute
+    entry.reexec_with_huge_pages()  # returns: nothing to re-execute
