@@ -507,6 +507,17 @@ exit 9
 """
 
 
+def _as_from_a_terminal():
+    """In the launcher's child before exec: the signal state of a command typed in a shell
+    (nothing blocked, SIGINT and SIGHUP at their defaults). Otherwise the test process's
+    state is inherited: in the full suite (not alone) the group SIGINT/SIGHUP never reached
+    the launcher's traps, though Python's view of pytest's handlers was unchanged, so some
+    earlier test's native library blocks or ignores them (which one: not found)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize(
     "sig, to_group",
     [
@@ -522,6 +533,7 @@ def test_multinode_forwards_signals_as_sigterm(tmp_path, sig, to_group):
          "--workdir=/w", f"--python={fake}"],
         cwd=ROOT, env=clean_env(FAKE_DIR=str(tmp_path)), stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=_as_from_a_terminal,
     )  # fmt: skip
     wait_for_file(tmp_path / "started", proc)
     if to_group:
